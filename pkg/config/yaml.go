@@ -68,6 +68,11 @@ func parseYAML(name string, data []byte) (layer *fileLayer, err error) {
 	if root.Kind == 0 { // empty file
 		return d.layer, nil
 	}
+	if r := resolve(root); r == nil || r.Kind != yaml.MappingNode && !(r.Kind == yaml.ScalarNode && r.Tag == "!!null") {
+		// Nothing in the file is usable: report this alone.
+		d.at(root, "", nil, "the top level must be a mapping of keys, got %s", describe(root))
+		return nil, d.errs.err()
+	}
 	d.mapping(root, "")
 	return d.layer, d.errs.err()
 }
