@@ -1,0 +1,227 @@
+// Command extractedprism is a per-node TCP load balancer for the
+// Kubernetes API server: local clients use https://127.0.0.1:7445 and the
+// raw TCP stream goes to a healthy kube-apiserver.
+//
+// Subcommands: run (the default), validate, status, version.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/extractedprism/extractedprism/pkg/config"
+	"github.com/extractedprism/extractedprism/pkg/daemon"
+	"github.com/extractedprism/extractedprism/pkg/status"
+	"github.com/extractedprism/extractedprism/pkg/systemd"
+	"github.com/extractedprism/extractedprism/pkg/version"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usage = `extractedprism: per-node load balancer for the Kubernetes API server
+
+Usage:
+  extractedprism [run] [flags]            run the balancer (default)
+  extractedprism validate [flags]         check the configuration and exit
+  extractedprism status [--address A] [--output table|json]
+                                          show the upstreams of a running instance
+  extractedprism version                  print version, commit and Go version
+
+Run "extractedprism run --help" for the flags.
+`
+
+func run(args []string, stdout, stderr io.Writer) int {
+	sub := "run"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		sub, args = args[0], args[1:]
+	}
+	switch sub {
+	case "run":
+		return runDaemon(args, stderr)
+	case "validate":
+		return validate(args, stdout, stderr)
+	case "status":
+		return statusCmd(args, stdout, stderr)
+	case "version":
+		_, _ = fmt.Fprintf(stdout, "extractedprism %s (commit %s, %s)\n", version.Version, version.Commit, version.GoVersion())
+		return 0
+	case "help":
+		_, _ = fmt.Fprint(stdout, usage)
+		return 0
+	}
+	_, _ = fmt.Fprintf(stderr, "extractedprism: unknown subcommand %q\n\n%s", sub, usage)
+	return 2
+}
+
+// loadConfig parses flags and loads the configuration; on failure it
+// prints every problem and returns ok=false.
+func loadConfig(name string, args []string, stderr io.Writer) (cfg config.Config, path string, fs *pflag.FlagSet, code int) {
+	fs = pflag.NewFlagSet(name, pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	config.RegisterFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return cfg, "", nil, 0
+		}
+		return cfg, "", nil, 2
+	}
+	if fs.NArg() > 0 {
+		_, _ = fmt.Fprintf(stderr, "extractedprism: unexpected argument %q\n", fs.Arg(0))
+		return cfg, "", nil, 2
+	}
+	path = config.ConfigPath(fs, os.Environ())
+	cfg, err := config.Load(path, fs, os.Environ())
+	if err != nil {
+		printConfigError(stderr, path, err)
+		return cfg, path, nil, 1
+	}
+	return cfg, path, fs, -1
+}
+
+func printConfigError(w io.Writer, path string, err error) {
+	where := "configuration"
+	if path != "" {
+		where = path
+	}
+	fes := config.FieldErrors(err)
+	if len(fes) == 0 {
+		_, _ = fmt.Fprintf(w, "extractedprism: invalid %s: %v\n", where, err)
+		return
+	}
+	_, _ = fmt.Fprintf(w, "extractedprism: invalid %s: %d problem(s):\n", where, len(fes))
+	for _, fe := range fes {
+		_, _ = fmt.Fprintf(w, "  %v\n", fe)
+	}
+}
+
+func validate(args []string, stdout, stderr io.Writer) int {
+	cfg, path, _, code := loadConfig("validate", args, stderr)
+	if code >= 0 {
+		return code
+	}
+	where := "flags and environment"
+	if path != "" {
+		where = path
+	}
+	_, _ = fmt.Fprintf(stdout, "%s: OK: %s\n", where, cfg.Summary())
+	return 0
+}
+
+func newLogger(cfg config.Config, w io.Writer) (*slog.Logger, *slog.LevelVar) {
+	lv := new(slog.LevelVar)
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(cfg.Log.Level)); err == nil {
+		lv.Set(lvl)
+	}
+	ho := &slog.HandlerOptions{Level: lv}
+	if cfg.Log.Format == config.LogFormatJSON {
+		return slog.New(slog.NewJSONHandler(w, ho)), lv
+	}
+	return slog.New(slog.NewTextHandler(w, ho)), lv
+}
+
+func runDaemon(args []string, stderr io.Writer) int {
+	cfg, path, fs, code := loadConfig("run", args, stderr)
+	if code >= 0 {
+		return code
+	}
+	logger, level := newLogger(cfg, stderr)
+	activated, err := systemd.ActivatedListeners()
+	if err != nil {
+		logger.Warn("ignoring socket activation", "err", err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	reload := make(chan struct{}, 1)
+	go func() {
+		for range hup {
+			select {
+			case reload <- struct{}{}:
+			default:
+			}
+		}
+	}()
+
+	err = daemon.Run(ctx, daemon.Options{
+		Config: cfg, ConfigPath: path, Flags: fs, Environ: os.Environ(), Reload: reload,
+		Logger: logger, Level: level, Activated: activated,
+	})
+	if err != nil {
+		logger.Error("extractedprism failed", "err", err)
+		_, _ = fmt.Fprintf(stderr, "extractedprism: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func statusCmd(args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("status", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("address", "127.0.0.1:7446", "admin address (host:port) of the running extractedprism")
+	output := fs.String("output", "table", "output format: table or json")
+	timeout := fs.Duration("timeout", 5*time.Second, "request timeout")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if *output != "table" && *output != "json" {
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: --output %q: want table or json\n", *output)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	url := "http://" + *addr + "/status"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: --address %q: %v\n", *addr, err)
+		return 2
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: cannot reach %s: %v\n", url, err)
+		return 1
+	}
+	defer func() { _ = resp.Body.Close() }()
+	if resp.StatusCode != http.StatusOK {
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: %s answered %s\n", url, resp.Status)
+		return 1
+	}
+	var doc status.Document
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 8<<20)).Decode(&doc); err != nil {
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: bad answer from %s: %v\n", url, err)
+		return 1
+	}
+	if *output == "json" {
+		err = status.RenderJSON(stdout, doc)
+	} else {
+		err = status.RenderTable(stdout, doc, time.Now())
+	}
+	if err != nil {
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: %v\n", err)
+		return 1
+	}
+	if !doc.Ready {
+		return 1
+	}
+	return 0
+}

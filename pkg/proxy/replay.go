@@ -1,0 +1,296 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/extractedprism/extractedprism/pkg/upstream"
+)
+
+// Replay before the first upstream byte.
+//
+// Until the upstream has sent a byte, the client's bytes are forwarded and
+// also kept (up to ReplayBufferBytes). If the upstream then fails (EOF,
+// reset, or silence for FirstByteTimeout after the client's first bytes),
+// the upstream is marked down, the next one is dialled and the kept bytes
+// are sent again: the client sees a short delay instead of an error.
+//
+// This is only done when the kept bytes are TLS handshake records (record
+// type 22, plus change_cipher_spec 20): a TLS client without 0-RTT early
+// data sends no application data before the server's first flight, so
+// nothing the client asked for can have reached the failed apiserver.
+// Any other record type (application data 23, i.e. 0-RTT, or non-TLS
+// bytes) makes the connection non-replayable, and it fails as it would
+// without a balancer. Once the first upstream byte arrives the kept bytes
+// are dropped and the connection continues on the zero-copy path.
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+
+// session is the state shared by the two copy directions of one
+// connection during the replay phase.
+type session struct {
+	s    *Server
+	o    *Options
+	c    *conn
+	mu   sync.Mutex
+	up   net.Conn
+	u    *upstream.Upstream
+	kept []byte
+	// replayable is true while kept holds only TLS handshake records.
+	replayable bool
+	// forwarded counts client bytes written to the current upstream.
+	forwarded int
+	answered  bool
+	clientEOF bool
+	clientErr error
+	fbTimer   *time.Timer
+	// fbExpired marks the upstream whose first-byte deadline passed.
+	fbExpired net.Conn
+	sent      int64
+}
+
+func (s *Server) pipeReplay(o *Options, c *conn, up net.Conn, u *upstream.Upstream, tried map[*upstream.Upstream]bool) {
+	ss := &session{s: s, o: o, c: c, up: up, u: u, replayable: true}
+	u.Acquire()
+	o.Observer.ConnOpened(u)
+	clientDone := make(chan struct{})
+	go ss.clientLoop(clientDone)
+	received := ss.upstreamLoop(tried)
+	<-clientDone
+	ss.mu.Lock()
+	if ss.fbTimer != nil {
+		ss.fbTimer.Stop()
+	}
+	up, u, sent := ss.up, ss.u, ss.sent
+	ss.mu.Unlock()
+	_ = up.Close()
+	u.Release()
+	o.Observer.ConnClosed(u, sent, received)
+	o.Logger.Debug("connection closed", "client", c.client.RemoteAddr().String(), "upstream", u.Addr(),
+		"sent", sent, "received", received, "reason", c.killReason())
+}
+
+// clientLoop copies client to upstream. Before the first upstream byte it
+// reads by hand and keeps what it forwards; afterwards it uses io.Copy.
+func (ss *session) clientLoop(done chan<- struct{}) {
+	defer close(done)
+	bp := bufPool.Get().(*[]byte)
+	buf := *bp
+	defer func() {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+	}()
+	client := ss.c.client
+	for {
+		ss.mu.Lock()
+		answered, up := ss.answered, ss.up
+		ss.mu.Unlock()
+		if answered {
+			bufPool.Put(bp)
+			bp = nil
+			n := copyHalf(up, client)
+			ss.mu.Lock()
+			ss.sent += n
+			ss.mu.Unlock()
+			return
+		}
+		n, rerr := client.Read(buf)
+		if n > 0 {
+			ss.forward(buf[:n])
+		}
+		if rerr != nil {
+			ss.mu.Lock()
+			if errors.Is(rerr, io.EOF) {
+				ss.clientEOF = true
+				if cw, ok := ss.up.(closeWriter); ok {
+					_ = cw.CloseWrite()
+				}
+			} else {
+				ss.clientErr = rerr
+				_ = ss.up.Close()
+			}
+			ss.mu.Unlock()
+			return
+		}
+	}
+}
+
+// forward writes client bytes to the current upstream, keeping them for
+// replay while no upstream byte has come back.
+func (ss *session) forward(b []byte) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if !ss.answered {
+		if ss.replayable && len(ss.kept)+len(b) <= ss.o.ReplayBufferBytes {
+			ss.kept = append(ss.kept, b...)
+			ss.replayable = tlsHandshakeOnly(ss.kept)
+		} else {
+			ss.replayable = false
+		}
+		if !ss.replayable {
+			ss.kept = nil
+		}
+		ss.armFirstByteTimer()
+	}
+	// Written under the lock so that a replay cannot interleave with it.
+	n, err := ss.up.Write(b)
+	ss.sent += int64(n)
+	ss.forwarded += n
+	if err != nil && (ss.answered || !ss.replayable) {
+		_ = ss.up.Close()
+		_ = ss.c.client.Close()
+	}
+}
+
+// armFirstByteTimer starts the first-byte deadline of the current
+// upstream at its first forwarded client byte; ss.mu must be held.
+func (ss *session) armFirstByteTimer() {
+	if ss.o.FirstByteTimeout <= 0 || ss.fbTimer != nil {
+		return
+	}
+	up := ss.up
+	ss.fbTimer = time.AfterFunc(ss.o.FirstByteTimeout, func() {
+		ss.mu.Lock()
+		defer ss.mu.Unlock()
+		if !ss.answered && ss.up == up {
+			ss.fbExpired = up
+			_ = up.SetReadDeadline(time.Now())
+		}
+	})
+}
+
+// upstreamLoop waits for the first upstream byte, replaying to other
+// upstreams on failure, then copies upstream to client. It returns the
+// bytes received from upstreams.
+func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
+	client := ss.c.client
+	bp := bufPool.Get().(*[]byte)
+	buf := *bp
+	for {
+		ss.mu.Lock()
+		up, u := ss.up, ss.u
+		ss.mu.Unlock()
+		n, err := up.Read(buf)
+		if n > 0 {
+			ss.mu.Lock()
+			ss.answered = true
+			ss.kept = nil
+			if ss.fbTimer != nil {
+				ss.fbTimer.Stop()
+				ss.fbTimer = nil
+			}
+			ss.mu.Unlock()
+			_ = up.SetReadDeadline(time.Time{})
+			_, werr := client.Write(buf[:n])
+			bufPool.Put(bp)
+			if werr != nil {
+				_ = up.Close()
+				_ = client.Close()
+				return int64(n)
+			}
+			return int64(n) + copyHalf(client, up)
+		}
+		// The upstream failed before its first byte.
+		ss.mu.Lock()
+		if ss.c.killReason() != "" || ss.clientErr != nil {
+			ss.mu.Unlock()
+			bufPool.Put(bp)
+			_ = client.Close()
+			return 0
+		}
+		if !ss.replayable && ss.forwarded > 0 {
+			ss.mu.Unlock()
+			bufPool.Put(bp)
+			if errors.Is(err, io.EOF) {
+				if cw, ok := client.(closeWriter); ok && cw.CloseWrite() == nil {
+					return 0
+				}
+			}
+			_ = client.Close()
+			return 0
+		}
+		reason := firstByteFailure(err, ss.fbExpired == up, ss.o.FirstByteTimeout)
+		ss.s.set.MarkDown(u, reason)
+		if ss.fbExpired == up {
+			ss.o.Observer.DialFailed(u, "timeout")
+		} else {
+			ss.o.Observer.DialFailed(u, "other")
+		}
+		_ = up.Close()
+		next, nu, derr := ss.s.dialNext(ss.o, &tried)
+		if derr != nil {
+			ss.mu.Unlock()
+			bufPool.Put(bp)
+			ss.o.Observer.NoUpstream()
+			noUpstreamLog(ss.o.Logger, fmt.Errorf("%s, then: %w", reason, derr))
+			_ = client.Close()
+			return 0
+		}
+		ss.o.Observer.Replayed()
+		ss.o.Logger.Debug("replaying handshake", "from", u.Addr(), "to", nu.Addr(), "bytes", len(ss.kept), "reason", reason)
+		u.Release()
+		ss.o.Observer.ConnClosed(u, ss.sent, 0)
+		nu.Acquire()
+		ss.o.Observer.ConnOpened(nu)
+		ss.up, ss.u, ss.sent, ss.forwarded = next, nu, 0, 0
+		if ss.fbTimer != nil {
+			ss.fbTimer.Stop()
+			ss.fbTimer = nil
+		}
+		if len(ss.kept) > 0 {
+			w, werr := next.Write(ss.kept)
+			ss.sent, ss.forwarded = int64(w), w
+			if werr == nil {
+				ss.armFirstByteTimer()
+			}
+		}
+		if ss.clientEOF {
+			if cw, ok := next.(closeWriter); ok {
+				_ = cw.CloseWrite()
+			}
+		}
+		alive := ss.c.setUpstream(nu, next)
+		ss.mu.Unlock()
+		if !alive {
+			_ = next.Close()
+		}
+	}
+}
+
+func firstByteFailure(err error, timedOut bool, fbt time.Duration) string {
+	switch {
+	case timedOut:
+		return fmt.Sprintf("no answer within first_byte_timeout %s", fbt)
+	case errors.Is(err, io.EOF):
+		return "closed the connection before answering"
+	default:
+		return fmt.Sprintf("failed before answering: %v", err)
+	}
+}
+
+// tlsHandshakeOnly reports whether b is a sequence of TLS records of type
+// handshake (22) or change_cipher_spec (20), the last possibly incomplete.
+func tlsHandshakeOnly(b []byte) bool {
+	for len(b) > 0 {
+		if b[0] != 22 && b[0] != 20 {
+			return false
+		}
+		if len(b) >= 2 && b[1] != 3 { // TLS major version is always 3
+			return false
+		}
+		if len(b) < 5 {
+			return true
+		}
+		n := int(b[3])<<8 | int(b[4])
+		if len(b) < 5+n {
+			return true
+		}
+		b = b[5+n:]
+	}
+	return true
+}

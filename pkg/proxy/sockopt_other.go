@@ -1,0 +1,14 @@
+//go:build !linux
+
+package proxy
+
+import (
+	"syscall"
+	"time"
+)
+
+// setUserTimeout is a no-op where TCP_USER_TIMEOUT does not exist.
+func setUserTimeout(syscall.RawConn, time.Duration) error { return nil }
+
+// setReusePort is a no-op where SO_REUSEPORT is not supported.
+func setReusePort(syscall.RawConn) error { return nil }

@@ -1,0 +1,441 @@
+// Package upstream keeps the set of API server endpoints and their health.
+//
+// It does no I/O: the prober reports probe results through Set.Report, the
+// proxy reports failed dials through Set.MarkDown and picks upstreams with
+// Set.Pick. A Set is safe for concurrent use. Reconcile replaces the list of
+// addresses while keeping the state of addresses that stay.
+package upstream
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// State is the health state of one upstream.
+type State int
+
+const (
+	// Unknown: not probed yet. Unknown upstreams are tried only when no
+	// upstream is Up.
+	Unknown State = iota
+	// Up: healthy; receives new connections.
+	Up
+	// Down: unhealthy; receives new connections only when nothing is Up.
+	Down
+)
+
+func (s State) String() string {
+	switch s {
+	case Up:
+		return "up"
+	case Down:
+		return "down"
+	default:
+		return "unknown"
+	}
+}
+
+// Strategy selects among healthy upstreams.
+type Strategy int
+
+const (
+	// LeastConnections picks the healthy upstream with the fewest active
+	// connections; ties are broken round-robin.
+	LeastConnections Strategy = iota
+	// RoundRobin cycles through healthy upstreams.
+	RoundRobin
+)
+
+// ParseStrategy maps a configuration string to a Strategy.
+func ParseStrategy(s string) (Strategy, error) {
+	switch s {
+	case "least-connections", "":
+		return LeastConnections, nil
+	case "round-robin":
+		return RoundRobin, nil
+	}
+	return 0, fmt.Errorf("unknown balancing strategy %q (want least-connections or round-robin)", s)
+}
+
+// Cause says what caused a transition.
+type Cause int
+
+const (
+	// CauseProbe: an active health probe.
+	CauseProbe Cause = iota
+	// CauseDial: a failed connect from the proxy (passive health).
+	CauseDial
+)
+
+// Endpoint is an address with the source it was learnt from.
+type Endpoint struct {
+	Address string // host:port
+	Source  string // "static", "discovered", "state-file"
+}
+
+// Upstream is one endpoint. Its identity (pointer) is stable for as long as
+// its address stays in the set; counters are atomic so the proxy's hot path
+// takes no lock.
+type Upstream struct {
+	addr string
+
+	active   atomic.Int64
+	total    atomic.Uint64
+	failures atomic.Uint64
+	removed  atomic.Bool
+
+	// Attachment is free for the owner of the Set (e.g. per-upstream metrics
+	// resolved once); the Set never reads it.
+	Attachment atomic.Value
+
+	// guarded by Set.mu
+	source      string
+	state       State
+	since       time.Time
+	reason      string
+	okStreak    int
+	failStreak  int
+	lastProbe   time.Time
+	lastProbeOK bool
+	lastLatency time.Duration
+	lastErr     string
+}
+
+// Addr returns the upstream's host:port.
+func (u *Upstream) Addr() string { return u.addr }
+
+// Acquire counts a new connection riding on u.
+func (u *Upstream) Acquire() {
+	u.active.Add(1)
+	u.total.Add(1)
+}
+
+// Release ends a connection counted by Acquire.
+func (u *Upstream) Release() { u.active.Add(-1) }
+
+// Active returns the number of connections riding on u.
+func (u *Upstream) Active() int64 { return u.active.Load() }
+
+// Removed reports whether u has left the set.
+func (u *Upstream) Removed() bool { return u.removed.Load() }
+
+// Transition describes a change of an upstream's state.
+type Transition struct {
+	Upstream *Upstream
+	Source   string
+	From, To State
+	Cause    Cause
+	Reason   string
+}
+
+// Status is a point-in-time copy of one upstream's state.
+type Status struct {
+	Address     string
+	Source      string
+	State       State
+	Since       time.Time
+	Reason      string
+	LastProbe   time.Time
+	LastProbeOK bool
+	LastLatency time.Duration
+	LastError   string
+	Active      int64
+	Total       uint64
+	Failures    uint64
+}
+
+// Options configure a Set. The zero value of each field has a documented
+// default.
+type Options struct {
+	// Rise is the number of consecutive probe successes that bring a Down
+	// upstream Up (default 2). Fall is the number of consecutive probe
+	// failures that take an Up upstream Down (default 2). The first probe
+	// result of an Unknown upstream decides at once.
+	Rise, Fall int
+	// Strategy picks among Up upstreams.
+	Strategy Strategy
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+	// OnTransition, if set, is called after every state change, outside
+	// the Set's lock, in the order the changes happened.
+	OnTransition func(Transition)
+	// OnAdd and OnRemove, if set, are called by Reconcile outside the lock.
+	OnAdd, OnRemove func(*Upstream)
+}
+
+// Set is the endpoint set. Create it with NewSet.
+type Set struct {
+	mu   sync.RWMutex
+	opts Options
+	list []*Upstream // sorted by address
+	rr   atomic.Uint64
+
+	notifyMu sync.Mutex // serialises callbacks so they arrive in order
+}
+
+// NewSet returns an empty Set.
+func NewSet(o Options) *Set {
+	s := &Set{}
+	s.opts = normalise(o)
+	return s
+}
+
+func normalise(o Options) Options {
+	if o.Rise <= 0 {
+		o.Rise = 2
+	}
+	if o.Fall <= 0 {
+		o.Fall = 2
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return o
+}
+
+// SetThresholds changes rise, fall and strategy (configuration reload).
+func (s *Set) SetThresholds(rise, fall int, strategy Strategy) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o := s.opts
+	o.Rise, o.Fall, o.Strategy = rise, fall, strategy
+	s.opts = normalise(o)
+}
+
+// Reconcile makes the set hold exactly eps (duplicates by address are
+// merged, the first source wins). Upstreams whose address stays keep their
+// state and counters; new ones start Unknown. It returns the added and
+// removed upstreams.
+func (s *Set) Reconcile(eps []Endpoint) (added, removed []*Upstream) {
+	s.notifyMu.Lock()
+	defer s.notifyMu.Unlock()
+	s.mu.Lock()
+	now := s.opts.Now()
+	old := make(map[string]*Upstream, len(s.list))
+	for _, u := range s.list {
+		old[u.addr] = u
+	}
+	seen := make(map[string]bool, len(eps))
+	next := make([]*Upstream, 0, len(eps))
+	for _, e := range eps {
+		if seen[e.Address] {
+			continue
+		}
+		seen[e.Address] = true
+		if u, ok := old[e.Address]; ok {
+			u.source = e.Source
+			next = append(next, u)
+			continue
+		}
+		u := &Upstream{addr: e.Address, source: e.Source, state: Unknown, since: now, reason: "new"}
+		next = append(next, u)
+		added = append(added, u)
+	}
+	for _, u := range s.list {
+		if !seen[u.addr] {
+			u.removed.Store(true)
+			removed = append(removed, u)
+		}
+	}
+	slices.SortFunc(next, func(a, b *Upstream) int {
+		switch {
+		case a.addr < b.addr:
+			return -1
+		case a.addr > b.addr:
+			return 1
+		}
+		return 0
+	})
+	s.list = next
+	onAdd, onRemove := s.opts.OnAdd, s.opts.OnRemove
+	s.mu.Unlock()
+	if onAdd != nil {
+		for _, u := range added {
+			onAdd(u)
+		}
+	}
+	if onRemove != nil {
+		for _, u := range removed {
+			onRemove(u)
+		}
+	}
+	return added, removed
+}
+
+// Upstreams returns the current upstreams, sorted by address.
+func (s *Set) Upstreams() []*Upstream {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return slices.Clone(s.list)
+}
+
+// Addresses returns the current addresses, sorted.
+func (s *Set) Addresses() []string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]string, len(s.list))
+	for i, u := range s.list {
+		out[i] = u.addr
+	}
+	return out
+}
+
+// Lookup returns the upstream with address addr, or nil.
+func (s *Set) Lookup(addr string) *Upstream {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, u := range s.list {
+		if u.addr == addr {
+			return u
+		}
+	}
+	return nil
+}
+
+// Pick returns the upstream a new connection should use, or nil when every
+// upstream is excluded. Up upstreams come first (by strategy); when none is
+// Up, Unknown and then Down upstreams are returned, because a probe may be
+// wrong and a dial is the truth. exclude may be nil.
+func (s *Set) Pick(exclude func(*Upstream) bool) *Upstream {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	n := len(s.list)
+	if n == 0 {
+		return nil
+	}
+	start := int(s.rr.Add(1) % uint64(n))
+	var best *Upstream
+	var bestActive int64
+	for i := range n {
+		u := s.list[(start+i)%n]
+		if u.state != Up || (exclude != nil && exclude(u)) {
+			continue
+		}
+		if s.opts.Strategy == RoundRobin {
+			return u
+		}
+		a := u.active.Load()
+		if best == nil || a < bestActive {
+			best, bestActive = u, a
+		}
+	}
+	if best != nil {
+		return best
+	}
+	for _, want := range []State{Unknown, Down} {
+		for i := range n {
+			u := s.list[(start+i)%n]
+			if u.state == want && (exclude == nil || !exclude(u)) {
+				return u
+			}
+		}
+	}
+	return nil
+}
+
+// Report records an active probe result for addr; it is ignored if addr is
+// not in the set. err is nil on success.
+func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
+	s.notifyMu.Lock()
+	defer s.notifyMu.Unlock()
+	s.mu.Lock()
+	var u *Upstream
+	for _, x := range s.list {
+		if x.addr == addr {
+			u = x
+			break
+		}
+	}
+	if u == nil {
+		s.mu.Unlock()
+		return
+	}
+	now := s.opts.Now()
+	u.lastProbe, u.lastProbeOK, u.lastLatency = now, ok, latency
+	var tr *Transition
+	if ok {
+		u.okStreak++
+		u.failStreak = 0
+		if u.state == Unknown || (u.state == Down && u.okStreak >= s.opts.Rise) {
+			tr = s.transition(u, Up, CauseProbe, "probe succeeded", now)
+		}
+	} else {
+		u.failures.Add(1)
+		u.failStreak++
+		u.okStreak = 0
+		reason := "probe failed"
+		if err != nil {
+			u.lastErr = err.Error()
+			reason = err.Error()
+		}
+		if u.state == Unknown || (u.state == Up && u.failStreak >= s.opts.Fall) {
+			tr = s.transition(u, Down, CauseProbe, reason, now)
+		}
+	}
+	cb := s.opts.OnTransition
+	s.mu.Unlock()
+	if tr != nil && cb != nil {
+		cb(*tr)
+	}
+}
+
+// MarkDown takes u Down at once (passive health: a connect failed). It
+// needs Rise probe successes to come back.
+func (s *Set) MarkDown(u *Upstream, reason string) {
+	s.notifyMu.Lock()
+	defer s.notifyMu.Unlock()
+	s.mu.Lock()
+	u.failures.Add(1)
+	u.lastErr = reason
+	u.okStreak = 0
+	var tr *Transition
+	if u.state != Down && !u.removed.Load() {
+		tr = s.transition(u, Down, CauseDial, reason, s.opts.Now())
+	}
+	cb := s.opts.OnTransition
+	s.mu.Unlock()
+	if tr != nil && cb != nil {
+		cb(*tr)
+	}
+}
+
+// transition changes u's state; s.mu must be held.
+func (s *Set) transition(u *Upstream, to State, cause Cause, reason string, now time.Time) *Transition {
+	tr := &Transition{Upstream: u, Source: u.source, From: u.state, To: to, Cause: cause, Reason: reason}
+	u.state, u.since, u.reason = to, now, reason
+	return tr
+}
+
+// Counts returns the number of Up upstreams, of upstreams not yet probed,
+// and of all upstreams.
+func (s *Set) Counts() (up, unknown, total int) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, u := range s.list {
+		switch u.state {
+		case Up:
+			up++
+		case Unknown:
+			unknown++
+		}
+	}
+	return up, unknown, len(s.list)
+}
+
+// Snapshot returns the state of every upstream, sorted by address.
+func (s *Set) Snapshot() []Status {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]Status, len(s.list))
+	for i, u := range s.list {
+		out[i] = Status{
+			Address: u.addr, Source: u.source, State: u.state, Since: u.since, Reason: u.reason,
+			LastProbe: u.lastProbe, LastProbeOK: u.lastProbeOK, LastLatency: u.lastLatency,
+			LastError: u.lastErr, Active: u.active.Load(), Total: u.total.Load(), Failures: u.failures.Load(),
+		}
+	}
+	return out
+}
