@@ -1,0 +1,177 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "extractedprism.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name. */}}
+{{- define "extractedprism.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "extractedprism.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "extractedprism.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "extractedprism.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "extractedprism.labels" -}}
+helm.sh/chart: {{ include "extractedprism.chart" . }}
+{{ include "extractedprism.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "extractedprism.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "extractedprism.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "extractedprism.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The static endpoints as one comma-separated string without blanks; the value
+may be such a string or a list.
+*/}}
+{{- define "extractedprism.endpoints" -}}
+{{- $eps := list }}
+{{- $v := .Values.endpoints | default "" }}
+{{- $items := ternary $v (splitList "," (toString $v)) (kindIs "slice" $v) }}
+{{- range $items }}
+{{- $e := trim (toString .) }}
+{{- if $e }}{{ $eps = append $eps $e }}{{ end }}
+{{- end }}
+{{- join "," $eps }}
+{{- end }}
+
+{{/* The discovery switch in force: the enableDiscovery flag, else config. */}}
+{{- define "extractedprism.discoveryEnabled" -}}
+{{- if kindIs "bool" .Values.enableDiscovery }}
+{{- ternary "true" "" .Values.enableDiscovery }}
+{{- else }}
+{{- ternary "true" "" (dig "discovery" "enabled" false .Values.config | toString | eq "true") }}
+{{- end }}
+{{- end }}
+
+{{/* Namespace of the service whose EndpointSlices discovery watches. */}}
+{{- define "extractedprism.discoveryNamespace" -}}
+{{- dig "discovery" "namespace" "default" .Values.config }}
+{{- end }}
+
+{{/* The health server address in force (flag, then config, then the listener's). */}}
+{{- define "extractedprism.healthAddress" -}}
+{{- $listen := .Values.bindAddress | default (dig "listen" "address" "127.0.0.1" .Values.config) }}
+{{- .Values.healthBindAddress | default (dig "admin" "address" "" .Values.config) | default $listen | trimPrefix "[" | trimSuffix "]" }}
+{{- end }}
+
+{{/* The host kubelet probes: the health address, with wildcards mapped to loopback. */}}
+{{- define "extractedprism.probeHost" -}}
+{{- $a := include "extractedprism.healthAddress" . }}
+{{- if eq $a "0.0.0.0" }}127.0.0.1{{ else if eq $a "::" }}::1{{ else }}{{ $a }}{{ end }}
+{{- end }}
+
+{{/* The health port in force. */}}
+{{- define "extractedprism.healthPort" -}}
+{{- .Values.healthPort | default (dig "admin" "port" 7446 .Values.config) | int }}
+{{- end }}
+
+{{/* True when the health server listens on loopback only. */}}
+{{- define "extractedprism.healthLoopback" -}}
+{{- $a := include "extractedprism.healthAddress" . }}
+{{- if or (hasPrefix "127." $a) (eq $a "::1") (eq $a "localhost") }}true{{ end }}
+{{- end }}
+
+{{/*
+Whole seconds (rounded up) of a Go duration string such as "30s", "1m30s" or "500ms".
+*/}}
+{{- define "extractedprism.durationSeconds" -}}
+{{- $total := 0.0 }}
+{{- $units := dict "h" 3600.0 "m" 60.0 "s" 1.0 "ms" 0.001 "us" 0.000001 "µs" 0.000001 "ns" 0.000000001 }}
+{{- range regexFindAll "[0-9.]+(ns|us|µs|ms|s|m|h)" (toString .) -1 }}
+{{- $n := regexReplaceAll "[a-zµ]+$" . "" | float64 }}
+{{- $u := regexReplaceAll "^[0-9.]+" . "" }}
+{{- $total = addf $total (mulf $n (get $units $u)) }}
+{{- end }}
+{{- ceil $total | int }}
+{{- end }}
+
+{{/* Seconds kubelet waits for the drain before SIGKILL. */}}
+{{- define "extractedprism.terminationGracePeriodSeconds" -}}
+{{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) }}
+{{- .Values.terminationGracePeriodSeconds | int }}
+{{- else }}
+{{- $drain := include "extractedprism.durationSeconds" (dig "proxy" "drain_timeout" "30s" .Values.config) | int }}
+{{- add (.Values.preStopSleepSeconds | int) $drain 10 }}
+{{- end }}
+{{- end }}
+
+{{/*
+A probe with the health address and port filled into httpGet where the
+values leave them out.
+*/}}
+{{- define "extractedprism.probe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if $probe.httpGet }}
+{{- $get := $probe.httpGet }}
+{{- if not $get.host }}{{ $_ := set $get "host" (include "extractedprism.probeHost" .root) }}{{ end }}
+{{- if not $get.port }}{{ $_ := set $get "port" (include "extractedprism.healthPort" .root | int) }}{{ end }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{/*
+Checks that the schema cannot express; each failure names the value and
+says what is expected.
+*/}}
+{{- define "extractedprism.validate" -}}
+{{- $static := include "extractedprism.endpoints" . }}
+{{- $fromConfig := dig "endpoints" (list) .Values.config }}
+{{- if and (not $static) (not $fromConfig) }}
+{{- fail "endpoints is required: set endpoints to the API servers as a comma-separated host:port list, e.g. --set endpoints='10.0.0.1:6443\\,10.0.0.2:6443' or --set endpoints='{10.0.0.1:6443,10.0.0.2:6443}' (or list them under config.endpoints)" }}
+{{- end }}
+{{- range $ep := ternary (splitList "," $static) (list) (ne $static "") }}
+{{- if not (regexMatch "^(\\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):[0-9]{1,5}$" $ep) }}
+{{- fail (printf "endpoints: %q is not host:port (IPv6 as [fd00::1]:6443), in endpoints=%q" $ep $static) }}
+{{- end }}
+{{- $port := regexReplaceAll "^.*:" $ep "" | int }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "endpoints: port %d of %q is out of range 1-65535" $port $ep) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.bindPort .Values.healthPort (eq (.Values.bindPort | int) (.Values.healthPort | int)) }}
+{{- fail (printf "healthPort %d must differ from bindPort %d" (.Values.healthPort | int) (.Values.bindPort | int)) }}
+{{- end }}
+{{- if eq .Values.updateStrategy.type "RollingUpdate" }}
+{{- $surge := toString (.Values.updateStrategy.maxSurge | default 0) }}
+{{- $unavail := toString (.Values.updateStrategy.maxUnavailable | default 0) }}
+{{- if and (ne $surge "0") (ne $surge "0%") (ne $unavail "0") (ne $unavail "0%") }}
+{{- fail (printf "updateStrategy.maxSurge=%s needs updateStrategy.maxUnavailable=0 (got %s): the surged pod takes over before the old one stops, so no node needs to be without one" $surge $unavail) }}
+{{- end }}
+{{- if and (or (eq $surge "0") (eq $surge "0%")) (or (eq $unavail "0") (eq $unavail "0%")) }}
+{{- fail "updateStrategy.maxUnavailable and updateStrategy.maxSurge cannot both be 0: set maxSurge=1 with maxUnavailable=0, or maxUnavailable=1" }}
+{{- end }}
+{{- end }}
+{{- if and (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled) (include "extractedprism.healthLoopback" .) }}
+{{- fail (printf "metrics: Prometheus cannot scrape %s:%s from outside the node: set healthBindAddress=0.0.0.0 (or the node address) to enable the ServiceMonitor or PodMonitor" (include "extractedprism.healthAddress" .) (include "extractedprism.healthPort" .)) }}
+{{- end }}
+{{- end }}
