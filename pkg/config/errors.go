@@ -76,11 +76,27 @@ type errorList struct {
 	errs []error
 }
 
-// add records a problem at path.
-func (l *errorList) add(path string, value any, format string, args ...any) *FieldError {
-	fe := &FieldError{Path: path, Value: value, Msg: fmt.Sprintf(format, args...)}
+// newFieldError builds a problem at path.
+func newFieldError(path string, value any, format string, args ...any) *FieldError {
+	return &FieldError{Path: path, Value: value, Msg: fmt.Sprintf(format, args...)}
+}
+
+// push records a problem.
+func (l *errorList) push(fe *FieldError) {
 	l.errs = append(l.errs, fe)
-	return fe
+}
+
+// add records a problem at path.
+func (l *errorList) add(path string, value any, format string, args ...any) {
+	l.push(newFieldError(path, value, format, args...))
+}
+
+// addRelated records a problem of a rule that also depends on the keys
+// in related.
+func (l *errorList) addRelated(related []string, path string, value any, format string, args ...any) {
+	fe := newFieldError(path, value, format, args...)
+	fe.related = related
+	l.push(fe)
 }
 
 // err returns the joined problems, or nil.

@@ -161,8 +161,9 @@ func Load(path string, fs *pflag.FlagSet, environ []string) (Config, error) {
 			}
 			v, err := parseScalar(schema.byPath[spec.Key].Kind, raw, "")
 			if err != nil {
-				fe := errs.add(spec.Key, raw, "%s", err.Error())
+				fe := newFieldError(spec.Key, raw, "%s", err.Error())
 				fe.Source = name
+				errs.push(fe)
 				failed[spec.Key] = true
 				return "", nil
 			}

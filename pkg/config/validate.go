@@ -42,9 +42,9 @@ func (c Config) Validate() error {
 		adminHost = c.Listen.Address
 	}
 	if c.Admin.Port == c.Listen.Port && hostsOverlap(adminHost, c.Listen.Address) {
-		l.add("admin.port", c.Admin.Port,
+		l.addRelated([]string{"listen.port", "listen.address", "admin.address"}, "admin.port", c.Admin.Port,
 			"admin address %s clashes with listen address %s; use another admin.port or admin.address",
-			c.AdminAddr(), c.ListenAddr()).related = []string{"listen.port", "listen.address", "admin.address"}
+			c.AdminAddr(), c.ListenAddr())
 	}
 
 	// endpoints
@@ -62,14 +62,14 @@ func (c Config) Validate() error {
 		}
 		seen[norm] = i
 		if port == c.Listen.Port && isSelf(host, c.Listen.Address) {
-			l.add(path, ep, "%q: is extractedprism's own listen address %s; traffic would loop",
-				ep, c.ListenAddr()).related = []string{"listen.port", "listen.address"}
+			l.addRelated([]string{"listen.port", "listen.address"}, path, ep,
+				"%q: is extractedprism's own listen address %s; traffic would loop", ep, c.ListenAddr())
 		}
 	}
-	if len(c.Endpoints) == 0 && !(c.Discovery.Enabled && c.Discovery.StateFile != "") {
-		l.add("endpoints", nil, "at least one endpoint is required "+
+	if len(c.Endpoints) == 0 && (!c.Discovery.Enabled || c.Discovery.StateFile == "") {
+		l.addRelated([]string{"discovery.enabled", "discovery.state_file"}, "endpoints", nil, "at least one endpoint is required "+
 			"(set endpoints, --endpoints or EP_ENDPOINTS), unless discovery.enabled is true "+
-			"with a non-empty discovery.state_file to start from").related = []string{"discovery.enabled", "discovery.state_file"}
+			"with a non-empty discovery.state_file to start from")
 	}
 
 	// probe
@@ -83,9 +83,9 @@ func (c Config) Validate() error {
 	checkPositive(&l, "probe.interval", c.Probe.Interval)
 	checkPositive(&l, "probe.timeout", c.Probe.Timeout)
 	if c.Probe.Timeout > c.Probe.Interval && c.Probe.Interval > 0 {
-		l.add("probe.timeout", c.Probe.Timeout,
+		l.addRelated([]string{"probe.interval"}, "probe.timeout", c.Probe.Timeout,
 			"%s exceeds probe.interval %s; a probe must end before the next one is due",
-			c.Probe.Timeout, c.Probe.Interval).related = []string{"probe.interval"}
+			c.Probe.Timeout, c.Probe.Interval)
 	}
 	checkAtLeastOne(&l, "probe.rise", c.Probe.Rise)
 	checkAtLeastOne(&l, "probe.fall", c.Probe.Fall)

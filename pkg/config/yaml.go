@@ -68,7 +68,7 @@ func parseYAML(name string, data []byte) (layer *fileLayer, err error) {
 	if root.Kind == 0 { // empty file
 		return d.layer, nil
 	}
-	if r := resolve(root); r == nil || r.Kind != yaml.MappingNode && !(r.Kind == yaml.ScalarNode && r.Tag == "!!null") {
+	if r := resolve(root); r == nil || r.Kind != yaml.MappingNode && (r.Kind != yaml.ScalarNode || r.Tag != "!!null") {
 		// Nothing in the file is usable: report this alone.
 		d.at(root, "", nil, "the top level must be a mapping of keys, got %s", describe(root))
 		return nil, d.errs.err()
@@ -79,7 +79,8 @@ func parseYAML(name string, data []byte) (layer *fileLayer, err error) {
 
 // at records a problem located at node n.
 func (d *yamlDecoder) at(n *yaml.Node, path string, value any, format string, args ...any) {
-	fe := d.errs.add(path, value, format, args...)
+	fe := newFieldError(path, value, format, args...)
+	d.errs.push(fe)
 	fe.File = d.name
 	if n != nil {
 		fe.Line, fe.Column = n.Line, n.Column
