@@ -16,11 +16,13 @@ package metrics
 import (
 	"errors"
 	"fmt"
+	"net/http"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // Namespace prefixes every metric name.
@@ -331,4 +333,11 @@ func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.sentBytes, prometheus.CounterValue, float64(u.sent.Load()), addr, src)
 		ch <- prometheus.MustNewConstMetric(c.receivedBytes, prometheus.CounterValue, float64(u.received.Load()), addr, src)
 	}
+}
+
+// Handler serves the metrics of g in the Prometheus text format (or
+// OpenMetrics when the scraper asks for it), for /metrics on the admin port.
+// Gathering errors are served as HTTP 500 and not hidden.
+func Handler(g prometheus.Gatherer) http.Handler {
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{EnableOpenMetrics: true})
 }
