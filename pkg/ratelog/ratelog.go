@@ -43,8 +43,11 @@ type entry struct {
 
 // New returns a Limiter that logs to logger, lets one event per key through
 // per window, and reads the time from now (time.Now if nil). A window <= 0
-// disables limiting: every event is logged.
+// disables limiting: every event is logged. A nil logger discards.
 func New(logger *slog.Logger, window time.Duration, now func() time.Time) *Limiter {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
 	if now == nil {
 		now = time.Now
 	}

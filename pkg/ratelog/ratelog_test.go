@@ -317,3 +317,9 @@ func TestConcurrentAccounting(t *testing.T) {
 	}
 	t.Logf("%d events -> %d lines", workers*each, len(lines))
 }
+
+func TestNilLoggerDiscards(t *testing.T) {
+	l := New(nil, time.Second, nil)
+	l.Log(context.Background(), slog.LevelError, "k", "nobody hears this")
+	l.Flush()
+}
