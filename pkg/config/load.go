@@ -56,6 +56,8 @@ var (
 	flagForKey = map[string]string{}
 	flagByName = map[string]flagSpec{}
 	flagByEnv  = map[string]flagSpec{}
+	// flagByLoose maps loose(flag name) to the flag name, for suggestions.
+	flagByLoose = map[string]string{}
 )
 
 func init() {
@@ -66,6 +68,7 @@ func init() {
 		flagForKey[s.Key] = s.Name
 		flagByName[s.Name] = s
 		flagByEnv[EnvName(s.Name)] = s
+		flagByLoose[loose(s.Name)] = s.Name
 	}
 }
 
@@ -122,6 +125,18 @@ type origin struct {
 // FieldErrors); a YAML syntax error or an unreadable file is returned
 // alone.
 func Load(path string, fs *pflag.FlagSet, environ []string) (Config, error) {
+	var data []byte
+	if path != "" {
+		var err error
+		if data, err = os.ReadFile(path); err != nil {
+			return Config{}, fmt.Errorf("read config file: %w", err)
+		}
+	}
+	return load(path, data, fs, environ)
+}
+
+// load is Load with the file's content already read (path "" = no file).
+func load(path string, data []byte, fs *pflag.FlagSet, environ []string) (Config, error) {
 	k := koanf.New(".")
 	if err := k.Load(confmap.Provider(defaultsMap(), "."), nil); err != nil {
 		return Config{}, fmt.Errorf("load defaults: %w", err)
@@ -131,10 +146,6 @@ func Load(path string, fs *pflag.FlagSet, environ []string) (Config, error) {
 	failed := map[string]bool{} // keys whose value could not be read
 
 	if path != "" {
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return Config{}, fmt.Errorf("read config file: %w", err)
-		}
 		layer, err := parseYAML(path, data)
 		if layer == nil {
 			return Config{}, err

@@ -442,6 +442,11 @@ func TestKeysAndSuggest(t *testing.T) {
 		"proxy.rebalance.enable":    "proxy.rebalance.enabled",
 		"endpoint":                  "endpoints",
 		"totally.unrelated.setting": "",
+		"bindPort":                  "listen.port",
+		"health_bind_address":       "admin.address",
+		"listen.bind-port":          "listen.port",
+		"enableDiscovery":           "discovery.enabled",
+		"healthInterval":            "probe.interval",
 	} {
 		if got := suggest(in); got != want {
 			t.Errorf("suggest(%q) = %q, want %q", in, got, want)

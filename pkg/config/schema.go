@@ -129,8 +129,15 @@ func (c Config) value(path string) any {
 
 // suggest returns the known key closest to the unknown path, or "".
 func suggest(path string) string {
-	// A key that exists under another section: "proxy.interval" -> "probe.interval".
+	if len(path) > 256 {
+		return ""
+	}
+	// A flag name used as a key: "bindPort", "bind_port", "health-port".
 	last := path[strings.LastIndex(path, ".")+1:]
+	if name, ok := flagByLoose[loose(last)]; ok {
+		return flagByName[name].Key
+	}
+	// A key that exists under another section: "proxy.interval" -> "probe.interval".
 	best, bestDist := "", -1
 	for _, cand := range schema.all {
 		d := levenshtein(path, cand)
@@ -168,4 +175,10 @@ func levenshtein(a, b string) int {
 		prev, cur = cur, prev
 	}
 	return prev[len(b)]
+}
+
+// loose normalises a name for comparison with flag names: lower case,
+// without '-' and '_'.
+func loose(s string) string {
+	return strings.ToLower(strings.NewReplacer("-", "", "_", "").Replace(s))
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"crypto/x509"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -196,7 +197,7 @@ func checkDNSLabel(l *errorList, path, s string) {
 }
 
 func checkCAFile(l *errorList, path, file string) {
-	data, err := os.ReadFile(file)
+	data, err := readSmallFile(file)
 	if err != nil {
 		l.add(path, file, "%q: cannot read: %v", file, err)
 		return
@@ -324,4 +325,32 @@ func sameHost(a, b string) bool {
 		return pa.Unmap() == pb.Unmap()
 	}
 	return strings.EqualFold(a, b)
+}
+
+// maxCAFileBytes bounds what is read of probe.ca_file.
+const maxCAFileBytes = 16 << 20
+
+// readSmallFile reads a regular file of at most maxCAFileBytes (a device
+// or FIFO named by mistake must not hang or exhaust the daemon).
+func readSmallFile(name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = f.Close() }()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("not a regular file (%s)", st.Mode().Type())
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxCAFileBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > maxCAFileBytes {
+		return nil, fmt.Errorf("larger than %d MiB", maxCAFileBytes>>20)
+	}
+	return data, nil
 }

@@ -148,6 +148,7 @@ func TestValidateRules(t *testing.T) {
 		{"probe ca missing", func(c *Config) { c.Probe.CAFile = filepath.Join(dir, "missing.pem") }, `probe.ca_file: "` + filepath.Join(dir, "missing.pem") + `": cannot read: open `},
 		{"probe ca not pem", func(c *Config) { c.Probe.CAFile = notPEM }, `probe.ca_file: "` + notPEM + `": holds no PEM certificate`},
 		{"probe ca ok", func(c *Config) { c.Probe.CAFile = ca }, ""},
+		{"probe ca device", func(c *Config) { c.Probe.CAFile = "/dev/zero" }, `probe.ca_file: "/dev/zero": cannot read: not a regular file`},
 		{"probe server name bad", func(c *Config) { c.Probe.ServerName = "bad name" }, `probe.server_name: "bad name": not an IP address or host name`},
 		{"probe server name ok", func(c *Config) { c.Probe.ServerName = "kubernetes.default.svc" }, ""},
 
