@@ -81,25 +81,26 @@ func (w *Watcher) Run(ctx context.Context) error {
 	var (
 		events <-chan fsnotify.Event
 		errs   <-chan error
-		base   string
+		files  *fileWatch
 	)
 	if w.o.Path != "" {
 		abs, err := filepath.Abs(w.o.Path)
 		if err != nil {
 			abs = w.o.Path
 		}
-		dir := filepath.Dir(abs)
-		base = filepath.Base(abs)
 		fw, err := fsnotify.NewWatcher()
 		switch {
 		case err != nil:
 			w.log.Warn("config file changes are not watched; reload with SIGHUP", "file", w.o.Path, "error", err)
 		default:
 			defer func() { _ = fw.Close() }()
-			if err := fw.Add(dir); err != nil {
-				w.log.Warn("config file changes are not watched; reload with SIGHUP", "dir", dir, "error", err)
+			files = &fileWatch{fw: fw, log: w.log, path: abs, dir: filepath.Dir(abs), base: filepath.Base(abs)}
+			if err := fw.Add(files.dir); err != nil {
+				w.log.Warn("config file changes are not watched; reload with SIGHUP", "dir", files.dir, "error", err)
+				files = nil
 			} else {
 				events, errs = fw.Events, fw.Errors
+				files.follow()
 			}
 		}
 	}
@@ -119,7 +120,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 				events = nil
 				continue
 			}
-			if relevant(ev, base) {
+			if files.relevant(ev) {
 				w.log.Debug("config file event", "event", ev.String())
 				timer.Reset(w.o.Debounce)
 				due = timer.C
@@ -133,25 +134,79 @@ func (w *Watcher) Run(ctx context.Context) error {
 		case <-due:
 			due = nil
 			w.reload("file change")
+			files.follow()
 		case _, ok := <-trigger:
 			if !ok {
 				trigger = nil
 				continue
 			}
 			w.reload("reload request")
+			files.follow()
 		}
 	}
 }
 
-// relevant reports whether a directory event may have changed the config
-// file: an event on the file itself, or on ConfigMap internals ("..data",
-// "..2026_01_02_...").
-func relevant(ev fsnotify.Event, base string) bool {
-	if ev.Op == fsnotify.Chmod {
+// fileWatch decides which directory events concern the config file. It
+// watches the file's own directory and, when the file is a symlink to a
+// file elsewhere, that file's directory too.
+type fileWatch struct {
+	fw        *fsnotify.Watcher
+	log       *slog.Logger
+	path      string // absolute config path
+	dir, base string // its directory and name
+	target    string // resolved symlink target outside dir ("" = none)
+}
+
+// relevant reports whether an event may have changed the config file: an
+// event on the file itself, on ConfigMap internals in its directory
+// ("..data", "..2026_01_02_..."), or on the symlink's target.
+func (f *fileWatch) relevant(ev fsnotify.Event) bool {
+	if f == nil || ev.Op == fsnotify.Chmod {
 		return false
 	}
-	name := filepath.Base(ev.Name)
-	return name == base || strings.HasPrefix(name, "..")
+	if filepath.Dir(ev.Name) == f.dir {
+		name := filepath.Base(ev.Name)
+		return name == f.base || strings.HasPrefix(name, "..")
+	}
+	return f.target != "" && ev.Name == f.target
+}
+
+// follow resolves the config path's symlinks and watches the target's
+// directory when it lies outside the config file's own directory
+// (ConfigMap targets lie inside it and need no extra watch).
+func (f *fileWatch) follow() {
+	if f == nil {
+		return
+	}
+	target := ""
+	if t, err := filepath.EvalSymlinks(f.path); err == nil {
+		realDir, err := filepath.EvalSymlinks(f.dir)
+		if err != nil {
+			realDir = f.dir
+		}
+		td := filepath.Dir(t)
+		inside := td == f.dir || td == realDir ||
+			strings.HasPrefix(td, f.dir+string(filepath.Separator)) ||
+			strings.HasPrefix(td, realDir+string(filepath.Separator))
+		if !inside {
+			target = t
+		}
+	} else if f.target != "" {
+		return // dangling for now: keep watching where it pointed
+	}
+	if target == f.target {
+		return
+	}
+	if f.target != "" {
+		_ = f.fw.Remove(filepath.Dir(f.target))
+	}
+	f.target = target
+	if target != "" {
+		if err := f.fw.Add(filepath.Dir(target)); err != nil {
+			f.log.Warn("changes of the config file's symlink target are not watched; reload with SIGHUP",
+				"target", target, "error", err)
+		}
+	}
 }
 
 // reload loads, validates and compares, then reports.

@@ -366,3 +366,35 @@ func TestWatchMissingDirectoryStillServesTrigger(t *testing.T) {
 		t.Errorf("no warning logged:\n%s", logs)
 	}
 }
+
+func TestWatchSymlinkToAnotherDirectory(t *testing.T) {
+	real := t.TempDir()
+	target := writeFile(t, real, "extractedprism.yaml", configYAML(8001))
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.yaml")
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	rig := startWatcher(t, path)
+	if err := os.WriteFile(target, []byte(configYAML(8002)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rig.waitPort(8002)
+
+	// Re-point the symlink to a file in a third directory.
+	other := writeFile(t, t.TempDir(), "other.yaml", configYAML(8003))
+	tmp := filepath.Join(dir, ".config.yaml.tmp")
+	if err := os.Symlink(other, tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+	rig.waitPort(8003)
+	rig.reloadNow() // the loop has finished following the new target
+	if err := os.WriteFile(other, []byte(configYAML(8004)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rig.waitPort(8004)
+	rig.assertNoErrors()
+}
