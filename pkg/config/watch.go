@@ -27,7 +27,9 @@ type WatchOptions struct {
 	Environ []string
 	// Initial is the configuration in effect when Run starts.
 	Initial Config
-	// Logger receives reload results (nil = discard).
+	// Logger receives reload results (nil = discard). A failed reload is
+	// logged at error level only when OnError is nil (else at debug level:
+	// OnError's owner reports it).
 	Logger *slog.Logger
 	// Debounce is the quiet period after file events (0 = DefaultDebounce).
 	Debounce time.Duration
@@ -213,7 +215,13 @@ func (f *fileWatch) follow() {
 func (w *Watcher) reload(reason string) {
 	c, err := Load(w.o.Path, w.o.Flags, w.o.Environ)
 	if err != nil {
-		w.log.Error("config reload failed; keeping the last good config", "reason", reason, "file", w.o.Path, "error", err)
+		// With OnError set the caller reports the failure; avoid a second error line.
+		level := slog.LevelError
+		if w.o.OnError != nil {
+			level = slog.LevelDebug
+		}
+		w.log.Log(context.Background(), level, "config reload failed; keeping the last good config",
+			"reason", reason, "file", w.o.Path, "error", err)
 		if w.o.OnError != nil {
 			w.o.OnError(err)
 		}
