@@ -122,6 +122,7 @@ func Run(ctx context.Context, o Options) error {
 		return fmt.Errorf("register metrics: %w", err)
 	}
 	d.met = met
+	met.ConfigReloaded(true, d.started) // the start-up load counts as a successful load
 	cfg := o.Config
 	strategy, err := upstream.ParseStrategy(cfg.Balance.Strategy)
 	if err != nil {
