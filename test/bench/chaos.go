@@ -1,0 +1,411 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Chaos load: half the workers keep one connection alive (like a
+// controller's watch and list client), half open a new TLS connection per
+// request (like kubectl and short-lived jobs), each paced at chaosRate.
+const (
+	chaosKAWorkers    = 4
+	chaosFreshWorkers = 4
+	chaosRate         = 50 // requests per second per worker
+	chaosReqTimeout   = 10 * time.Second
+	slowThreshold     = time.Second
+)
+
+type chaosEvent struct {
+	at       time.Time
+	lat      time.Duration
+	upstream string
+	failed   bool
+	fresh    bool
+	err      string
+}
+
+type chaosLoad struct {
+	mu     sync.Mutex
+	events []chaosEvent
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func startChaosLoad(ctx context.Context, addr string) *chaosLoad {
+	ctx, cancel := context.WithCancel(ctx)
+	l := &chaosLoad{cancel: cancel, events: make([]chaosEvent, 0, 1<<15)}
+	for w := range chaosKAWorkers + chaosFreshWorkers {
+		fresh := w >= chaosKAWorkers
+		l.wg.Go(func() {
+			c := newHTTPClientKA(chaosReqTimeout, !fresh)
+			defer c.CloseIdleConnections()
+			t := time.NewTicker(time.Second / chaosRate)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+				t0 := time.Now()
+				// Requests are not cut short by the end of the load: a
+				// request in flight at the end still counts.
+				code, name, err := c.get(context.WithoutCancel(ctx), addr, "/")
+				ev := chaosEvent{at: t0, lat: time.Since(t0), upstream: name, failed: err != nil || code != http.StatusOK, fresh: fresh}
+				if err != nil {
+					ev.err = err.Error()
+				} else if code != http.StatusOK {
+					ev.err = fmt.Sprintf("status %d", code)
+				}
+				l.mu.Lock()
+				l.events = append(l.events, ev)
+				l.mu.Unlock()
+			}
+		})
+	}
+	return l
+}
+
+// stop ends the load and waits for requests in flight.
+func (l *chaosLoad) stop() []chaosEvent {
+	l.cancel()
+	l.wg.Wait()
+	return l.events
+}
+
+// window counts the requests started in [from, to) and notes up to three
+// distinct failure causes under key in r.Failures.
+func window(r *chaosResult, key string, evs []chaosEvent, from, to time.Time) (total, failed, slow int) {
+	for _, e := range evs {
+		if e.at.Before(from) || !e.at.Before(to) {
+			continue
+		}
+		total++
+		if e.failed {
+			failed++
+			kind := "keep-alive"
+			if e.fresh {
+				kind = "new-connection"
+			}
+			msg := fmt.Sprintf("%s client, +%.1f s after %s, after %.1f s: %s", kind, e.at.Sub(from).Seconds(), key, e.lat.Seconds(), e.err)
+			if r.Failures == nil {
+				r.Failures = map[string][]string{}
+			}
+			if len(r.Failures[key]) < 3 {
+				r.Failures[key] = append(r.Failures[key], msg)
+			}
+		}
+		if e.lat > slowThreshold {
+			slow++
+		}
+	}
+	return total, failed, slow
+}
+
+// chaosResult is one balancer's chaos figures.
+type chaosResult struct {
+	KillTotal, KillFailed, KillSlow int
+	RollTotal, RollFailed, RollSlow int
+	UnreadyFresh                    int
+	UnreadyShare                    float64
+	StopTotal, StopFailed, StopSlow int
+	TermStreams                     int
+	TermSurviveMedian               float64 // seconds
+	TermSurviveMax                  float64
+	TermExit                        float64 // seconds from SIGTERM to exit, -1 if not within the window
+	TermRefusedAfter                float64 // ms from SIGTERM to the first refused connect, -1 if none
+	TermAccepted, TermServed        int     // connects accepted after SIGTERM, and of those answered
+	Errors                          []string
+	Failures                        map[string][]string // samples of failed requests per scenario
+}
+
+// chaos runs every chaos scenario against one balancer.
+func (e *env) chaos(ctx context.Context, log *slog.Logger, name string) chaosResult {
+	var r chaosResult
+	scen := []struct {
+		name string
+		run  func(context.Context, *proc) error
+	}{
+		{"kill", func(ctx context.Context, _ *proc) error { return e.chaosKill(ctx, name, &r) }},
+		{"rolling", func(ctx context.Context, _ *proc) error { return e.chaosRolling(ctx, name, &r) }},
+		{"unready", func(ctx context.Context, _ *proc) error { return e.chaosUnready(ctx, name, &r) }},
+		{"sigstop", func(ctx context.Context, _ *proc) error { return e.chaosStop(ctx, name, &r) }},
+		{"sigterm", func(ctx context.Context, p *proc) error { return e.chaosTerm(ctx, name, p, &r) }},
+	}
+	for _, s := range scen {
+		if ctx.Err() != nil {
+			break
+		}
+		log.Info("chaos", "balancer", name, "scenario", s.name)
+		if err := e.healUpstreams(ctx); err != nil {
+			r.Errors = append(r.Errors, fmt.Sprintf("%s: heal upstreams: %v", s.name, err))
+			continue
+		}
+		p, _, err := e.startBalancer(ctx, name)
+		if err != nil {
+			r.Errors = append(r.Errors, fmt.Sprintf("%s: %v", s.name, err))
+			continue
+		}
+		// Let every balancer see all upstreams healthy (rise 2 x interval).
+		sleepCtx(ctx, 2*healthEvery+500*time.Millisecond)
+		if err := s.run(ctx, p); err != nil {
+			r.Errors = append(r.Errors, fmt.Sprintf("%s: %v", s.name, err))
+			log.Warn("chaos scenario failed", "balancer", name, "scenario", s.name, "err", err)
+		}
+		p.stop(15 * time.Second)
+	}
+	return r
+}
+
+// healUpstreams brings every upstream back: running, not stopped, ready.
+func (e *env) healUpstreams(ctx context.Context) error {
+	c := newHTTPClient(5 * time.Second)
+	defer c.CloseIdleConnections()
+	for _, u := range e.upstreams {
+		if u.p == nil || u.p.exited() {
+			if err := u.start(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		_ = u.p.signal(syscall.SIGCONT)
+		if code, err := post(ctx, c, u.addr, "/control/ready"); err != nil || code != http.StatusOK {
+			return fmt.Errorf("upstream %s: POST /control/ready: %d %w", u.name, code, err)
+		}
+	}
+	return nil
+}
+
+func post(ctx context.Context, c *httpClient, addr, path string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+addr+path, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_ = resp.Body.Close()
+	return resp.StatusCode, nil
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// chaosKill: SIGKILL one upstream under load, restart it 2 s later, keep
+// the load 5 s after it is back.
+func (e *env) chaosKill(ctx context.Context, name string, r *chaosResult) error {
+	l := startChaosLoad(ctx, e.targets(name)[0])
+	sleepCtx(ctx, 2*time.Second)
+	from := time.Now()
+	u := e.upstreams[0]
+	u.kill()
+	sleepCtx(ctx, 2*time.Second)
+	err := u.start(ctx)
+	sleepCtx(ctx, 5*time.Second)
+	to := time.Now()
+	evs := l.stop()
+	r.KillTotal, r.KillFailed, r.KillSlow = window(r, "kill", evs, from, to)
+	return err
+}
+
+// chaosRolling: SIGTERM (graceful) each upstream in turn, restart it after
+// 1 s, wait until the balancers could have seen it healthy again, go on.
+func (e *env) chaosRolling(ctx context.Context, name string, r *chaosResult) error {
+	l := startChaosLoad(ctx, e.targets(name)[0])
+	sleepCtx(ctx, 2*time.Second)
+	from := time.Now()
+	var errs []error
+	for _, u := range e.upstreams {
+		if err := u.terminate(); err != nil {
+			errs = append(errs, err)
+		}
+		sleepCtx(ctx, time.Second)
+		if err := u.start(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		sleepCtx(ctx, 2*healthEvery+time.Second)
+	}
+	sleepCtx(ctx, 2*time.Second)
+	to := time.Now()
+	evs := l.stop()
+	r.RollTotal, r.RollFailed, r.RollSlow = window(r, "rolling", evs, from, to)
+	return errors.Join(errs...)
+}
+
+// chaosUnready: one upstream answers 500 on /readyz (its /healthz stays
+// 200, as kube-apiserver's does while shutting down) and keeps serving;
+// after 5 s, count which upstream new connections reach for 5 s.
+func (e *env) chaosUnready(ctx context.Context, name string, r *chaosResult) error {
+	l := startChaosLoad(ctx, e.targets(name)[0])
+	sleepCtx(ctx, time.Second)
+	c := newHTTPClient(5 * time.Second)
+	defer c.CloseIdleConnections()
+	u := e.upstreams[0]
+	if code, err := post(ctx, c, u.addr, "/control/unready"); err != nil || code != http.StatusOK {
+		l.stop()
+		return fmt.Errorf("upstream %s: POST /control/unready: %d %w", u.name, code, err)
+	}
+	sleepCtx(ctx, 5*time.Second)
+	from := time.Now()
+	sleepCtx(ctx, 5*time.Second)
+	to := time.Now()
+	evs := l.stop()
+	var fresh, toU int
+	for _, ev := range evs {
+		if !ev.fresh || ev.failed || ev.at.Before(from) || !ev.at.Before(to) {
+			continue
+		}
+		fresh++
+		if ev.upstream == u.name {
+			toU++
+		}
+	}
+	r.UnreadyFresh = fresh
+	if fresh > 0 {
+		r.UnreadyShare = float64(toU) / float64(fresh)
+	}
+	return nil
+}
+
+// chaosStop: SIGSTOP one upstream under load for 12 s, then SIGCONT.
+func (e *env) chaosStop(ctx context.Context, name string, r *chaosResult) error {
+	l := startChaosLoad(ctx, e.targets(name)[0])
+	sleepCtx(ctx, 2*time.Second)
+	u := e.upstreams[0]
+	from := time.Now()
+	err := u.p.signal(syscall.SIGSTOP)
+	sleepCtx(ctx, 12*time.Second)
+	to := time.Now()
+	_ = u.p.signal(syscall.SIGCONT)
+	evs := l.stop()
+	r.StopTotal, r.StopFailed, r.StopSlow = window(r, "sigstop", evs, from, to)
+	return err
+}
+
+// chaosTerm: 10 watch-like streams through the balancer, then SIGTERM to
+// the balancer: how long do the streams keep flowing, and are new
+// connections refused (so clients fail over at once) or accepted?
+func (e *env) chaosTerm(ctx context.Context, name string, p *proc, r *chaosResult) error {
+	const streams = 10
+	addr := e.targets(name)[0]
+	obs := 2*epDrainTimout + 2*time.Second // observation window after SIGTERM
+	ctx, cancel := context.WithTimeout(ctx, obs+30*time.Second)
+	defer cancel()
+	last := make([]time.Time, streams)
+	lines := make([]int, streams)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	clients := make([]*httpClient, streams)
+	for i := range streams {
+		clients[i] = newHTTPClient(0)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+"/stream?interval=100ms", nil)
+		resp, err := clients[i].Do(req)
+		if err != nil {
+			cancel()
+			wg.Wait()
+			return fmt.Errorf("open stream %d: %w", i, err)
+		}
+		wg.Go(func() {
+			defer func() { _ = resp.Body.Close() }()
+			sc := bufio.NewScanner(resp.Body)
+			for sc.Scan() {
+				mu.Lock()
+				last[i] = time.Now()
+				lines[i]++
+				mu.Unlock()
+			}
+		})
+	}
+	// Wait until every stream has delivered two lines.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		mu.Lock()
+		ok := slices.IndexFunc(lines, func(n int) bool { return n < 2 }) < 0
+		mu.Unlock()
+		if ok || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	tTerm := time.Now()
+	if err := p.signal(syscall.SIGTERM); err != nil {
+		cancel()
+		wg.Wait()
+		return err
+	}
+	r.TermRefusedAfter, r.TermExit = -1, -1
+	buf := make([]byte, 4096)
+	for time.Since(tTerm) < obs {
+		if r.TermExit < 0 && p.exited() {
+			r.TermExit = time.Since(tTerm).Seconds()
+		}
+		d := net.Dialer{Timeout: time.Second}
+		pc, err := d.DialContext(ctx, "tcp", addr)
+		switch {
+		case errors.Is(err, syscall.ECONNREFUSED):
+			if r.TermRefusedAfter < 0 {
+				r.TermRefusedAfter = ms(time.Since(tTerm))
+			}
+		case err == nil:
+			_ = pc.Close()
+			r.TermAccepted++
+			sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
+			if oneShot(sctx, addr, buf) == nil {
+				r.TermServed++
+			}
+			scancel()
+		}
+		mu.Lock()
+		alive := slices.IndexFunc(last, func(t time.Time) bool { return time.Since(t) < time.Second }) >= 0
+		mu.Unlock()
+		if !alive && p.exited() && time.Since(tTerm) > 2*time.Second {
+			break
+		}
+		sleepCtx(ctx, 25*time.Millisecond)
+	}
+	if r.TermExit < 0 && p.exited() {
+		r.TermExit = time.Since(tTerm).Seconds()
+	}
+	cancel()
+	wg.Wait()
+	for _, c := range clients {
+		c.CloseIdleConnections()
+	}
+	surv := make([]float64, streams)
+	for i, t := range last {
+		surv[i] = max(0, t.Sub(tTerm).Seconds())
+	}
+	r.TermStreams = streams
+	r.TermSurviveMedian = median(surv)
+	r.TermSurviveMax = slices.Max(surv)
+	return nil
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}

@@ -1,0 +1,357 @@
+// Command bench measures extractedprism side by side with haproxy and nginx
+// (configured as kubespray configures them) and with no balancer at all, on
+// loopback, against three stand-in kube-apiservers, and writes
+// BENCHMARKS.md, a PNG chart and the raw results as JSON.
+//
+// Every phase is bounded in time; the whole run takes about ten minutes on
+// two cores. Run it through `make bench`.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Load shapes.
+const (
+	kaWorkers   = 16
+	ncWorkers   = 8
+	idleTarget  = 2000
+	idleDialers = 16
+)
+
+type options struct {
+	binDir    string
+	out       string
+	chart     string
+	jsonOut   string
+	runs      int
+	dur       time.Duration
+	only      string
+	skipChaos bool
+	noInstall bool
+	render    string
+}
+
+func main() {
+	var o options
+	flag.StringVar(&o.binDir, "bin", "../../bin", "directory holding the standin and extractedprism binaries")
+	flag.StringVar(&o.out, "out", "../../BENCHMARKS.md", "Markdown report to write")
+	flag.StringVar(&o.chart, "chart", "../../docs/bench/bench.png", "PNG chart to write")
+	flag.StringVar(&o.jsonOut, "json", "../../docs/bench/results.json", "raw results to write")
+	flag.IntVar(&o.runs, "runs", 3, "interleaved runs of the throughput figures (the median is reported)")
+	flag.DurationVar(&o.dur, "duration", 3*time.Second, "length of each throughput measurement")
+	flag.StringVar(&o.only, "only", "", "comma-separated set-ups to measure (direct,extractedprism,haproxy,nginx); default all")
+	flag.BoolVar(&o.skipChaos, "skip-chaos", false, "skip the chaos scenarios")
+	flag.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install haproxy and nginx when missing")
+	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
+	flag.Parse()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if o.render != "" {
+		if err := rerender(o); err != nil {
+			log.Error("render failed", "err", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := run(ctx, log, o); err != nil {
+		log.Error("bench failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+// results is everything one bench run measured.
+type results struct {
+	Machine  machine                  `json:"machine"`
+	Setups   []string                 `json:"setups"`
+	Missing  map[string]string        `json:"missing,omitempty"`
+	Runs     map[string][]perfResult  `json:"runs"`
+	Median   map[string]perfResult    `json:"median"`
+	Chaos    map[string]chaosResult   `json:"chaos"`
+	Params   map[string]string        `json:"params"`
+	Duration float64                  `json:"duration_s"`
+	Notes    map[string][]string      `json:"notes,omitempty"`
+	Spread   map[string]map[string]mm `json:"spread,omitempty"`
+}
+
+// mm is a min/max pair across runs.
+type mm struct{ Min, Max float64 }
+
+func run(ctx context.Context, log *slog.Logger, o options) error {
+	began := time.Now()
+	binDir, err := filepath.Abs(o.binDir)
+	if err != nil {
+		return fmt.Errorf("--bin %q: %w", o.binDir, err)
+	}
+	standinBin := filepath.Join(binDir, "standin")
+	if _, err := os.Stat(standinBin); err != nil {
+		return fmt.Errorf("stand-in binary %s missing (run make bin/standin): %w", standinBin, err)
+	}
+	setups := []string{nameDirect, nameEP, nameHA, nameNginx}
+	if o.only != "" {
+		setups = slices.DeleteFunc(setups, func(s string) bool { return !slices.Contains(strings.Split(o.only, ","), s) })
+	}
+	res := results{Missing: map[string]string{}, Runs: map[string][]perfResult{}, Median: map[string]perfResult{},
+		Chaos: map[string]chaosResult{}, Notes: map[string][]string{}, Spread: map[string]map[string]mm{}}
+	if slices.Contains(setups, nameHA) || slices.Contains(setups, nameNginx) {
+		ensurePackages(log, o.noInstall)
+	}
+	for _, s := range slices.Clone(setups) {
+		var bin string
+		switch s {
+		case nameEP:
+			bin = filepath.Join(binDir, "extractedprism")
+		case nameHA:
+			bin = "haproxy"
+		case nameNginx:
+			bin = "nginx"
+		default:
+			continue
+		}
+		if _, err := exec.LookPath(bin); err != nil {
+			res.Missing[s] = err.Error()
+			setups = slices.DeleteFunc(setups, func(x string) bool { return x == s })
+			log.Warn("set-up not measured", "setup", s, "err", err)
+		}
+	}
+	res.Setups = setups
+	res.Machine = describeMachine(binDir)
+	res.Params = map[string]string{
+		"runs": fmt.Sprint(o.runs), "duration": o.dur.String(), "ka_workers": fmt.Sprint(kaWorkers),
+		"nc_workers": fmt.Sprint(ncWorkers), "idle_conns": fmt.Sprint(idleTarget),
+		"health_interval": healthEvery.String(), "chaos_load": fmt.Sprintf("%d keep-alive + %d new-connection clients, %d req/s each", chaosKAWorkers, chaosFreshWorkers, chaosRate),
+	}
+
+	dir, err := os.MkdirTemp("", "epbench-")
+	if err != nil {
+		return fmt.Errorf("work dir: %w", err)
+	}
+	log.Info("bench starting", "setups", setups, "runs", o.runs, "workdir", dir)
+	e := &env{dir: dir, binDir: binDir}
+	for i, n := range []string{"a", "b", "c"} {
+		e.upstreams = append(e.upstreams, &upstream{name: n, addr: fmt.Sprintf("127.0.20.%d:16443", i+1), bin: standinBin, dir: dir, log: log})
+	}
+	defer func() {
+		for _, u := range e.upstreams {
+			if u.p != nil {
+				u.p.stop(5 * time.Second)
+			}
+		}
+	}()
+	if err := e.healUpstreams(ctx); err != nil {
+		return err
+	}
+
+	for r := range o.runs {
+		order := slices.Clone(setups)
+		// Rotate the order each run so drift hits every set-up alike.
+		for range r % max(1, len(order)) {
+			order = append(order[1:], order[0])
+		}
+		for _, s := range order {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err := e.healUpstreams(ctx); err != nil {
+				return err
+			}
+			pr, err := e.perf(ctx, log, s, o.dur)
+			if err != nil {
+				log.Warn("perf run failed", "setup", s, "run", r, "err", err)
+				res.Notes[s] = append(res.Notes[s], fmt.Sprintf("run %d: %v", r+1, err))
+				continue
+			}
+			log.Info("perf", "run", r+1, "setup", s, "ka_rps", int(pr.KARps), "p99_ms", round(pr.KAP99ms, 2),
+				"new_conns_s", int(pr.NewConnRate), "bulk1", int(pr.Bulk1MBs), "bulk4", int(pr.Bulk4MBs),
+				"cpu_10k", round(pr.CPUPer10k, 3), "idle_kib", round(pr.IdleKiB, 1), "start_ms", int(pr.StartReady))
+			res.Runs[s] = append(res.Runs[s], pr)
+		}
+	}
+	for _, s := range setups {
+		res.Median[s], res.Spread[s] = medianPerf(res.Runs[s])
+	}
+	if !o.skipChaos {
+		for _, s := range setups {
+			if s == nameDirect || ctx.Err() != nil {
+				continue
+			}
+			res.Chaos[s] = e.chaos(ctx, log, s)
+			log.Info("chaos done", "setup", s, "result", fmt.Sprintf("%+v", res.Chaos[s]))
+		}
+	}
+	res.Duration = time.Since(began).Seconds()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return writeOutputs(o, res)
+}
+
+// perf measures one set-up once.
+func (e *env) perf(ctx context.Context, log *slog.Logger, name string, dur time.Duration) (perfResult, error) {
+	var pr perfResult
+	p, startDur, err := e.startBalancer(ctx, name)
+	if err != nil {
+		return pr, err
+	}
+	defer func() {
+		if p != nil {
+			p.stop(15 * time.Second)
+		}
+	}()
+	pr.StartReady = ms(startDur)
+	sleepCtx(ctx, time.Second)
+	targets := e.targets(name)
+
+	cpu0 := cpuOf(p)
+	var reqs int64
+	pr.KARps, pr.KAP50ms, pr.KAP99ms, reqs, pr.KAErrors = keepAlive(ctx, targets, kaWorkers, dur)
+	if p != nil && reqs > 0 {
+		pr.CPUPer10k = (cpuOf(p) - cpu0) / float64(reqs) * 10000
+	}
+	var ncErr error
+	pr.NewConnRate, pr.NCErrors, ncErr = newConns(ctx, targets, ncWorkers, dur)
+	if ncErr != nil {
+		log.Warn("new-connection errors", "setup", name, "count", pr.NCErrors, "first", ncErr)
+	}
+	pr.Bulk1MBs = bulk(ctx, targets, 1, dur)
+	pr.Bulk4MBs = bulk(ctx, targets, 4, dur)
+
+	if p != nil {
+		sleepCtx(ctx, 500*time.Millisecond)
+		base := p.pssKiB()
+		conns, err := idleConns(ctx, targets[0], idleTarget, idleDialers)
+		if err != nil {
+			log.Warn("idle connections", "setup", name, "opened", len(conns), "err", err)
+		}
+		sleepCtx(ctx, time.Second)
+		pr.IdleOpened = len(conns)
+		if len(conns) > 0 {
+			pr.IdleKiB = float64(p.pssKiB()-base) / float64(len(conns))
+		}
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	}
+	return pr, nil
+}
+
+func cpuOf(p *proc) float64 {
+	if p == nil {
+		return 0
+	}
+	return p.cpuSeconds()
+}
+
+// medianPerf takes the median of every figure across runs.
+func medianPerf(runs []perfResult) (perfResult, map[string]mm) {
+	var m perfResult
+	spread := map[string]mm{}
+	if len(runs) == 0 {
+		return m, spread
+	}
+	f := func(key string, get func(perfResult) float64) float64 {
+		v := make([]float64, len(runs))
+		for i, r := range runs {
+			v[i] = get(r)
+		}
+		spread[key] = mm{slices.Min(v), slices.Max(v)}
+		return median(v)
+	}
+	m.KARps = f("ka_rps", func(r perfResult) float64 { return r.KARps })
+	m.KAP50ms = f("ka_p50_ms", func(r perfResult) float64 { return r.KAP50ms })
+	m.KAP99ms = f("ka_p99_ms", func(r perfResult) float64 { return r.KAP99ms })
+	m.KAErrors = int64(f("ka_errors", func(r perfResult) float64 { return float64(r.KAErrors) }))
+	m.CPUPer10k = f("cpu_s_per_10k", func(r perfResult) float64 { return r.CPUPer10k })
+	m.NewConnRate = f("new_conns_per_s", func(r perfResult) float64 { return r.NewConnRate })
+	m.NCErrors = int64(f("nc_errors", func(r perfResult) float64 { return float64(r.NCErrors) }))
+	m.Bulk1MBs = f("bulk1_mb_s", func(r perfResult) float64 { return r.Bulk1MBs })
+	m.Bulk4MBs = f("bulk4_mb_s", func(r perfResult) float64 { return r.Bulk4MBs })
+	m.IdleKiB = f("idle_kib_per_conn", func(r perfResult) float64 { return r.IdleKiB })
+	m.IdleOpened = int(f("idle_opened", func(r perfResult) float64 { return float64(r.IdleOpened) }))
+	m.StartReady = f("start_ready_ms", func(r perfResult) float64 { return r.StartReady })
+	return m, spread
+}
+
+// ensurePackages installs haproxy, nginx and its stream module with apt-get
+// when they are missing.
+func ensurePackages(log *slog.Logger, noInstall bool) {
+	_, errH := exec.LookPath("haproxy")
+	_, errN := exec.LookPath("nginx")
+	_, errM := os.Stat("/usr/lib/nginx/modules/ngx_stream_module.so")
+	if errH == nil && errN == nil && errM == nil {
+		return
+	}
+	if noInstall {
+		log.Warn("haproxy or nginx missing and --no-install given")
+		return
+	}
+	log.Info("installing haproxy, nginx and libnginx-mod-stream with apt-get")
+	cmd := exec.Command("apt-get", "install", "-y", "-qq", "--no-install-recommends", "haproxy", "nginx", "libnginx-mod-stream")
+	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		log.Warn("apt-get install failed", "err", err, "output", lastLines(string(out), 5))
+	}
+}
+
+func lastLines(s string, n int) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(l[max(0, len(l)-n):], "\n")
+}
+
+func round(v float64, places int) float64 {
+	p := 1.0
+	for range places {
+		p *= 10
+	}
+	return float64(int64(v*p+0.5)) / p
+}
+
+func writeOutputs(o options, res results) error {
+	var errs []error
+	for _, f := range []string{o.out, o.chart, o.jsonOut} {
+		if err := os.MkdirAll(filepath.Dir(f), 0o755); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err == nil {
+		err = os.WriteFile(o.jsonOut, append(b, '\n'), 0o644) //nolint:gosec // a public report
+	}
+	errs = append(errs, err)
+	errs = append(errs, renderChart(o.chart, res))
+	rel, rerr := filepath.Rel(filepath.Dir(o.out), o.chart)
+	if rerr != nil {
+		rel = o.chart
+	}
+	errs = append(errs, os.WriteFile(o.out, []byte(renderMarkdown(res, rel)), 0o644)) //nolint:gosec // a public report
+	return errors.Join(errs...)
+}
+
+// rerender writes the report and chart again from a saved results file.
+func rerender(o options) error {
+	b, err := os.ReadFile(o.render)
+	if err != nil {
+		return fmt.Errorf("--render %q: %w", o.render, err)
+	}
+	var res results
+	if err := json.Unmarshal(b, &res); err != nil {
+		return fmt.Errorf("--render %q: %w", o.render, err)
+	}
+	o.jsonOut = filepath.Join(os.TempDir(), "epbench-rerender.json")
+	return writeOutputs(o, res)
+}

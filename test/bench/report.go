@@ -1,0 +1,519 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+)
+
+type machine struct {
+	Date           string `json:"date"`
+	Cores          int    `json:"cores"`
+	CPU            string `json:"cpu"`
+	Kernel         string `json:"kernel"`
+	Go             string `json:"go"`
+	HAProxy        string `json:"haproxy"`
+	Nginx          string `json:"nginx"`
+	ExtractedPrism string `json:"extractedprism"`
+}
+
+func describeMachine(binDir string) machine {
+	m := machine{Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"), Cores: runtime.NumCPU(), Go: runtime.Version()}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	firstLine := func(name string, args ...string) string {
+		out, err := exec.Command(name, args...).CombinedOutput()
+		if err != nil && len(out) == 0 {
+			return "not installed"
+		}
+		return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	}
+	m.HAProxy = firstLine("haproxy", "-v")
+	m.Nginx = firstLine("nginx", "-v")
+	m.ExtractedPrism = firstLine(filepath.Join(binDir, "extractedprism"), "version")
+	return m
+}
+
+// metric describes one row of the throughput table and one chart panel.
+type metric struct {
+	title  string
+	short  string // chart panel title
+	unit   string
+	higher bool // higher is better
+	direct bool // meaningful for direct
+	get    func(perfResult) float64
+	prec   int
+}
+
+var metrics = []metric{
+	{"Keep-alive HTTPS requests/s", "Keep-alive requests/s", "req/s", true, true, func(r perfResult) float64 { return r.KARps }, 0},
+	{"Keep-alive latency p50", "Latency p50", "ms", false, true, func(r perfResult) float64 { return r.KAP50ms }, 2},
+	{"Keep-alive latency p99", "Keep-alive latency p99", "ms", false, true, func(r perfResult) float64 { return r.KAP99ms }, 2},
+	{"New TLS connections/s", "New TLS connections/s", "conn/s", true, true, func(r perfResult) float64 { return r.NewConnRate }, 0},
+	{"Bulk download, 1 stream", "Bulk, 1 stream", "MB/s", true, true, func(r perfResult) float64 { return r.Bulk1MBs }, 0},
+	{"Bulk download, 4 streams", "Bulk, 4 streams", "MB/s", true, true, func(r perfResult) float64 { return r.Bulk4MBs }, 0},
+	{"Balancer CPU per 10k keep-alive requests", "CPU per 10k requests", "CPU s", false, false, func(r perfResult) float64 { return r.CPUPer10k }, 3},
+	{"Balancer memory per idle connection", "Memory per idle conn", "KiB PSS", false, false, func(r perfResult) float64 { return r.IdleKiB }, 1},
+	{"Start to first proxied answer", "Start to first answer", "ms", false, false, func(r perfResult) float64 { return r.StartReady }, 0},
+}
+
+func fmtNum(v float64, prec int) string {
+	s := fmt.Sprintf("%.*f", prec, v)
+	if prec == 0 && v >= 10000 {
+		// thousands separator for readability
+		n := len(s)
+		var b strings.Builder
+		for i, c := range s {
+			if i > 0 && (n-i)%3 == 0 {
+				b.WriteByte(',')
+			}
+			b.WriteRune(c)
+		}
+		return b.String()
+	}
+	return s
+}
+
+func ratio(a, b float64) string {
+	if b == 0 || a == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", a/b)
+}
+
+func renderMarkdown(res results, chartRel string) string {
+	var b strings.Builder
+	w := func(f string, a ...any) { fmt.Fprintf(&b, f, a...) }
+	m := res.Machine
+	w("# Benchmarks\n\n")
+	w("extractedprism next to the per-node balancers kubespray deploys (haproxy and nginx, with kubespray's settings) and next to no balancer at all (\"direct\": the clients spread themselves over the three API servers, the physical limit). ")
+	w("Everything runs on one machine over loopback: three stand-in kube-apiservers (HTTPS, HTTP/1.1), the balancer under test and the Go load generator, so all of them share the same %d cores. ", m.Cores)
+	w("This file and the chart are written by `make bench` (about ten minutes); the raw numbers are in [docs/bench/results.json](docs/bench/results.json).\n\n")
+	w("![benchmark chart](%s)\n\n", chartRel)
+
+	w("## Machine\n\n")
+	w("| | |\n|---|---|\n")
+	w("| Date | %s |\n| Cores | %d (%s) |\n| Kernel | %s |\n| Go | %s |\n| haproxy | %s |\n| nginx | %s |\n| extractedprism | %s |\n",
+		m.Date, m.Cores, m.CPU, m.Kernel, m.Go, m.HAProxy, m.Nginx, m.ExtractedPrism)
+	w("| Whole run | %.0f s |\n\n", res.Duration)
+	for s, why := range res.Missing {
+		w("**%s was not measured**: %s\n\n", s, why)
+	}
+
+	w("## Throughput, latency and cost\n\n")
+	w("Median of %s interleaved runs (the order of the set-ups rotates every run); each measurement lasts %s. ", res.Params["runs"], res.Params["duration"])
+	w("Keep-alive: %s clients, one HTTP/1.1 connection each, `GET /` in a loop. New connections: %s clients, each connection is TCP connect + full TLS handshake + `GET /readyz` + close. Bulk: `GET /bulk` over 1 or 4 keep-alive connections. ", res.Params["ka_workers"], res.Params["nc_workers"])
+	w("CPU: user+system seconds of the balancer's processes (from /proc) during the keep-alive measurement, per 10,000 requests. Memory: growth of the balancer's proportional set size (PSS, from /proc/PID/smaps_rollup) with %s idle proxied TLS connections open, per connection. ", res.Params["idle_conns"])
+	w("Start: from exec to the first answer proxied to a client.\n\n")
+	hdr := "| Figure |"
+	sep := "|---|"
+	for _, s := range res.Setups {
+		hdr += " " + s + " |"
+		sep += "---:|"
+	}
+	w("%s\n%s\n", hdr, sep)
+	for _, mt := range metrics {
+		w("| %s (%s) |", mt.title, mt.unit)
+		for _, s := range res.Setups {
+			if s == nameDirect && !mt.direct {
+				w(" n/a |")
+				continue
+			}
+			r, ok := res.Median[s]
+			if !ok || len(res.Runs[s]) == 0 {
+				w(" – |")
+				continue
+			}
+			w(" %s |", fmtNum(mt.get(r), mt.prec))
+		}
+		w("\n")
+	}
+	w("\n")
+
+	// Ratios.
+	type pair struct{ a, b string }
+	var pairs []pair
+	for _, s := range []string{nameEP, nameHA, nameNginx} {
+		if !has(res, s) {
+			continue
+		}
+		if has(res, nameDirect) {
+			pairs = append(pairs, pair{s, nameDirect})
+		}
+		if s != nameHA && has(res, nameHA) {
+			pairs = append(pairs, pair{s, nameHA})
+		}
+	}
+	if len(pairs) > 0 {
+		w("Ratios (balancer figure divided by the reference; for rates above 1 is better, for latency, CPU, memory and start time below 1 is better):\n\n")
+		hdr, sep = "| Figure |", "|---|"
+		for _, p := range pairs {
+			hdr += fmt.Sprintf(" %s / %s |", p.a, p.b)
+			sep += "---:|"
+		}
+		w("%s\n%s\n", hdr, sep)
+		for _, mt := range metrics {
+			w("| %s |", mt.title)
+			for _, p := range pairs {
+				if p.b == nameDirect && !mt.direct {
+					w(" n/a |")
+					continue
+				}
+				w(" %s |", ratio(mt.get(res.Median[p.a]), mt.get(res.Median[p.b])))
+			}
+			w("\n")
+		}
+		w("\n")
+	}
+	errLine := false
+	for _, s := range res.Setups {
+		r := res.Median[s]
+		if r.KAErrors > 0 || r.NCErrors > 0 {
+			if !errLine {
+				w("Errors during the throughput runs (median per run): ")
+				errLine = true
+			}
+			w("%s %d keep-alive, %d new-connection; ", s, r.KAErrors, r.NCErrors)
+		}
+		if r.IdleOpened > 0 && r.IdleOpened < idleTarget {
+			w("%s opened only %d of %d idle connections; ", s, r.IdleOpened, idleTarget)
+		}
+	}
+	if errLine {
+		w("\n\n")
+	}
+
+	if len(res.Chaos) > 0 {
+		w("## Chaos under load\n\n")
+		w("Each scenario starts a fresh balancer in front of three healthy stand-ins and lets its health checks settle. Load: %s (`GET /`, %s timeout per request). A failure is a request that got an error, a timeout or a status other than 200, after Go's HTTP client retried what it retries by itself (an idempotent request on a reused connection that broke before any answer). ", res.Params["chaos_load"], chaosReqTimeout)
+		w("Health checks every %s: extractedprism `--health-interval %s` (HTTPS `/readyz`), haproxy `inter %s fall 2 rise 2` with kubespray's `option httpchk GET /healthz`, nginx has only passive checks (kubespray sets none, so `max_fails=1 fail_timeout=10s`). Every scenario runs once per balancer.\n\n",
+			healthEvery, healthEvery, healthEvery)
+		var cs []string
+		for _, s := range []string{nameEP, nameHA, nameNginx} {
+			if _, ok := res.Chaos[s]; ok {
+				cs = append(cs, s)
+			}
+		}
+		w("| Scenario |")
+		for _, s := range cs {
+			w(" %s |", s)
+		}
+		w("\n|---|")
+		for range cs {
+			w("---|")
+		}
+		w("\n")
+		row := func(title string, f func(chaosResult) string) {
+			w("| %s |", title)
+			for _, s := range cs {
+				w(" %s |", f(res.Chaos[s]))
+			}
+			w("\n")
+		}
+		row("Upstream SIGKILLed, restarted 2 s later: failed / slow (>1 s) / requests", func(c chaosResult) string {
+			return fmt.Sprintf("%d / %d / %d", c.KillFailed, c.KillSlow, c.KillTotal)
+		})
+		row("Rolling restart of all three (SIGTERM, 1 s down, wait 3 s): failed / slow / requests", func(c chaosResult) string {
+			return fmt.Sprintf("%d / %d / %d", c.RollFailed, c.RollSlow, c.RollTotal)
+		})
+		row("One upstream `/readyz` 500 (`/healthz` 200, still serving): share of new connections sent to it 5-10 s later", func(c chaosResult) string {
+			return fmt.Sprintf("%.0f%% of %d", 100*c.UnreadyShare, c.UnreadyFresh)
+		})
+		row("One upstream SIGSTOPped for 12 s: failed / slow / requests", func(c chaosResult) string {
+			return fmt.Sprintf("%d / %d / %d", c.StopFailed, c.StopSlow, c.StopTotal)
+		})
+		row("SIGTERM to the balancer with 10 streams open: seconds the streams kept flowing (median / max)", func(c chaosResult) string {
+			return fmt.Sprintf("%.1f / %.1f", c.TermSurviveMedian, c.TermSurviveMax)
+		})
+		row("… new connects after SIGTERM: refused from / accepted / of those answered", func(c chaosResult) string {
+			ref := "never refused"
+			if c.TermRefusedAfter >= 0 {
+				ref = fmt.Sprintf("%.0f ms", c.TermRefusedAfter)
+			}
+			return fmt.Sprintf("%s / %d / %d", ref, c.TermAccepted, c.TermServed)
+		})
+		row("… process exited after", func(c chaosResult) string {
+			if c.TermExit < 0 {
+				return "still running"
+			}
+			return fmt.Sprintf("%.1f s", c.TermExit)
+		})
+		w("\nextractedprism ran with `--drain-timeout %s`. ", epDrainTimout)
+		w("haproxy treats SIGTERM as an immediate stop (its graceful stop is SIGUSR1) and nginx as a fast shutdown (graceful is SIGQUIT); SIGTERM is what the kubelet sends a static pod.\n\n")
+		w("Samples of the failed requests (time since the fault was injected, then how long the request took):\n\n")
+		for _, s := range cs {
+			for _, e := range res.Chaos[s].Errors {
+				w("- %s: scenario error: %s\n", s, e)
+			}
+			for _, k := range []string{"kill", "rolling", "sigstop"} {
+				for _, f := range res.Chaos[s].Failures[k] {
+					w("- %s, %s\n", s, f)
+				}
+			}
+		}
+		w("\n")
+	}
+	for s, notes := range res.Notes {
+		for _, n := range notes {
+			w("- %s: %s\n", s, n)
+		}
+	}
+
+	w("\n## Conclusions\n\n")
+	for _, c := range conclusions(res) {
+		w("- %s\n", c)
+	}
+	w("\n## How the balancers were configured\n\n")
+	w("Upstreams: three `bin/standin` processes on 127.0.20.1-3:16443 (Go net/http, TLS 1.3, ECDSA P-256). Balancers listen on 127.0.20.100.\n\n")
+	w("- extractedprism: `extractedprism run --endpoints ... --health-interval %s --health-timeout %s --drain-timeout %s --log-level warn`, otherwise defaults.\n", healthEvery, healthEvery, epDrainTimout)
+	w("- haproxy: kubespray's `haproxy.cfg` (mode tcp frontend, `balance leastconn`, `option httpchk GET /healthz`, `http-check expect status 200`, `check check-ssl verify none`, `retries 5`, `option redispatch`, `timeout connect 30s`, `timeout check 30s`, `slowstart 60s`, `maxconn 1000` per server), with `inter`/`downinter` shortened from 15 s to %s. Run in the foreground with `-db`; threads: haproxy's default (one per core).\n", healthEvery)
+	w("- nginx: kubespray's `nginx.conf` (stream module, `least_conn`, `proxy_connect_timeout 1s`, `proxy_timeout 10m`, `worker_processes 2`, `worker_connections 16384`, `multi_accept on`).\n")
+	w("- The load generator is in the same process for every set-up and uses HTTP/1.1 so that every client is one proxied connection.\n")
+	return b.String()
+}
+
+func has(res results, s string) bool { return len(res.Runs[s]) > 0 }
+
+// conclusions checks the project's goals against the figures.
+func conclusions(res results) []string {
+	var out []string
+	ep, okE := res.Median[nameEP]
+	ha, okH := res.Median[nameHA]
+	d, okD := res.Median[nameDirect]
+	okE, okH, okD = okE && has(res, nameEP), okH && has(res, nameHA), okD && has(res, nameDirect)
+	if _, ok := res.Chaos[nameEP]; !okE && !ok {
+		return []string{"extractedprism was not measured in this run."}
+	}
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "missed"
+	}
+	if okE && okH {
+		out = append(out,
+			fmt.Sprintf("Keep-alive throughput at least haproxy's: %s (%s vs %s req/s, ratio %s; p99 %.2f vs %.2f ms).", verdict(ep.KARps >= 0.97*ha.KARps), fmtNum(ep.KARps, 0), fmtNum(ha.KARps, 0), ratio(ep.KARps, ha.KARps), ep.KAP99ms, ha.KAP99ms),
+			fmt.Sprintf("New-connection rate at least haproxy's: %s (%s vs %s conn/s).", verdict(ep.NewConnRate >= 0.97*ha.NewConnRate), fmtNum(ep.NewConnRate, 0), fmtNum(ha.NewConnRate, 0)),
+			fmt.Sprintf("CPU per request no higher than haproxy's: %s (%.3f vs %.3f CPU s per 10k requests).", verdict(ep.CPUPer10k <= 1.03*ha.CPUPer10k), ep.CPUPer10k, ha.CPUPer10k),
+			fmt.Sprintf("Memory per idle connection no higher than haproxy's: %s (%.1f vs %.1f KiB).", verdict(ep.IdleKiB <= 1.03*ha.IdleKiB), ep.IdleKiB, ha.IdleKiB),
+		)
+	}
+	if okE && okD {
+		out = append(out, fmt.Sprintf("Bulk throughput at least 90%% of direct: %s (1 stream %s of direct, 4 streams %s).", verdict(ep.Bulk1MBs >= 0.9*d.Bulk1MBs && ep.Bulk4MBs >= 0.9*d.Bulk4MBs), ratio(ep.Bulk1MBs, d.Bulk1MBs), ratio(ep.Bulk4MBs, d.Bulk4MBs)))
+	}
+	if c, ok := res.Chaos[nameEP]; ok {
+		out = append(out,
+			fmt.Sprintf("Zero client-visible failures when an upstream is killed and in a rolling restart: %s (%d and %d failed requests; haproxy %s, nginx %s).", verdict(c.KillFailed == 0 && c.RollFailed == 0), c.KillFailed, c.RollFailed, chaosPair(res, nameHA), chaosPair(res, nameNginx)),
+			fmt.Sprintf("No new connections to an upstream whose /readyz fails, after fall x interval: %s (%.0f%%; haproxy %s, nginx %s).", verdict(c.UnreadyShare == 0 && c.UnreadyFresh > 0), 100*c.UnreadyShare, unreadyOf(res, nameHA), unreadyOf(res, nameNginx)),
+			fmt.Sprintf("A SIGSTOPped upstream costs no failed request: %s (%d failed, %d slower than 1 s; haproxy %s, nginx %s).", verdict(c.StopFailed == 0), c.StopFailed, c.StopSlow, stopOf(res, nameHA), stopOf(res, nameNginx)),
+			fmt.Sprintf("Streams survive SIGTERM until the drain timeout (%s): %s (median %.1f s, new connects refused from %s).", epDrainTimout, verdict(c.TermSurviveMedian >= epDrainTimout.Seconds()-1.5), c.TermSurviveMedian, refusedOf(c)),
+		)
+	}
+	return out
+}
+
+func chaosPair(res results, s string) string {
+	c, ok := res.Chaos[s]
+	if !ok {
+		return "not measured"
+	}
+	return fmt.Sprintf("%d and %d", c.KillFailed, c.RollFailed)
+}
+
+func unreadyOf(res results, s string) string {
+	c, ok := res.Chaos[s]
+	if !ok {
+		return "not measured"
+	}
+	return fmt.Sprintf("%.0f%%", 100*c.UnreadyShare)
+}
+
+func stopOf(res results, s string) string {
+	c, ok := res.Chaos[s]
+	if !ok {
+		return "not measured"
+	}
+	return fmt.Sprintf("%d failed, %d slow", c.StopFailed, c.StopSlow)
+}
+
+func refusedOf(c chaosResult) string {
+	if c.TermRefusedAfter < 0 {
+		return "never"
+	}
+	return fmt.Sprintf("%.0f ms", c.TermRefusedAfter)
+}
+
+var setupColor = map[string]color.Color{
+	nameDirect: color.RGBA{R: 0x99, G: 0x99, B: 0x99, A: 0xff},
+	nameEP:     color.RGBA{R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+	nameHA:     color.RGBA{R: 0xff, G: 0x7f, B: 0x0e, A: 0xff},
+	nameNginx:  color.RGBA{R: 0x2c, G: 0xa0, B: 0x2c, A: 0xff},
+}
+
+// panel is one bar chart of the figure.
+type panel struct {
+	title  string
+	labels []string
+	values []float64
+	ok     []bool
+	prec   int
+}
+
+func renderChart(path string, res results) error {
+	var panels []panel
+	for _, mt := range metrics {
+		if mt.title == "Keep-alive latency p50" {
+			continue
+		}
+		p := panel{title: mt.short + " (" + mt.unit + ")", prec: mt.prec}
+		if mt.higher {
+			p.title += " ↑"
+		} else {
+			p.title += " ↓"
+		}
+		for _, s := range res.Setups {
+			if s == nameDirect && !mt.direct {
+				continue
+			}
+			p.labels = append(p.labels, s)
+			p.values = append(p.values, mt.get(res.Median[s]))
+			p.ok = append(p.ok, has(res, s))
+		}
+		panels = append(panels, p)
+	}
+	var cs []string
+	for _, s := range []string{nameEP, nameHA, nameNginx} {
+		if _, ok := res.Chaos[s]; ok {
+			cs = append(cs, s)
+		}
+	}
+	if len(cs) > 0 {
+		add := func(title string, prec int, f func(chaosResult) float64) {
+			p := panel{title: title, prec: prec}
+			for _, s := range cs {
+				p.labels = append(p.labels, s)
+				p.values = append(p.values, f(res.Chaos[s]))
+				p.ok = append(p.ok, true)
+			}
+			panels = append(panels, p)
+		}
+		add("Failed requests: upstream SIGKILL ↓", 0, func(c chaosResult) float64 { return float64(c.KillFailed) })
+		add("Failed requests: rolling restart ↓", 0, func(c chaosResult) float64 { return float64(c.RollFailed) })
+		add("% new conns to /readyz-500 upstream ↓", 0, func(c chaosResult) float64 { return 100 * c.UnreadyShare })
+		add("Failed + slow (>1 s): upstream SIGSTOP ↓", 0, func(c chaosResult) float64 { return float64(c.StopFailed + c.StopSlow) })
+		add("Streams alive after SIGTERM (s) ↑", 1, func(c chaosResult) float64 { return c.TermSurviveMedian })
+	}
+	const cols = 4
+	rows := (len(panels) + cols - 1) / cols
+	plots := make([][]*plot.Plot, rows)
+	for i := range plots {
+		plots[i] = make([]*plot.Plot, cols)
+	}
+	for i, pn := range panels {
+		pl, err := barPlot(pn)
+		if err != nil {
+			return err
+		}
+		plots[i/cols][i%cols] = pl
+	}
+	for r := range plots {
+		for c := range plots[r] {
+			if plots[r][c] == nil {
+				plots[r][c] = plot.New()
+				plots[r][c].HideAxes()
+			}
+		}
+	}
+	width, height := 16*vg.Inch, vg.Length(rows)*3.6*vg.Inch
+	img := vgimg.NewWith(vgimg.UseWH(width, height), vgimg.UseDPI(96))
+	dc := draw.New(img)
+	title := fmt.Sprintf("extractedprism vs haproxy vs nginx vs direct (no balancer) — %s, %d cores, medians of %s runs; ↑ higher is better, ↓ lower is better", res.Machine.Date, res.Machine.Cores, res.Params["runs"])
+	top := draw.Crop(dc, 0, 0, 0, -0.4*vg.Inch)
+	tiles := draw.Tiles{Rows: rows, Cols: cols, PadX: 0.35 * vg.Inch, PadY: 0.35 * vg.Inch, PadTop: 0.1 * vg.Inch, PadBottom: 0.1 * vg.Inch, PadLeft: 0.1 * vg.Inch, PadRight: 0.1 * vg.Inch}
+	canvases := plot.Align(plots, tiles, top)
+	for r := range plots {
+		for c := range plots[r] {
+			plots[r][c].Draw(canvases[r][c])
+		}
+	}
+	sty := draw.TextStyle{Color: color.Black, Font: plot.DefaultFont, Handler: plot.DefaultTextHandler, XAlign: draw.XCenter, YAlign: draw.YTop}
+	sty.Font.Size = 16
+	sty.Font.Typeface = plot.DefaultFont.Typeface
+	dc.FillText(sty, vg.Point{X: width / 2, Y: height - 0.08*vg.Inch}, title)
+
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("chart %s: %w", path, err)
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		_ = f.Close()
+		return fmt.Errorf("chart %s: %w", path, err)
+	}
+	return f.Close()
+}
+
+func barPlot(pn panel) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = pn.title
+	p.Title.TextStyle.Font.Size = 12
+	p.Y.Min = 0
+	p.Add(plotter.NewGrid())
+	maxV := 0.0
+	var xys plotter.XYs
+	var labels []string
+	for i, v := range pn.values {
+		if !pn.ok[i] {
+			continue
+		}
+		bc, err := plotter.NewBarChart(plotter.Values{v}, vg.Points(40))
+		if err != nil {
+			return nil, fmt.Errorf("bar %s/%s: %w", pn.title, pn.labels[i], err)
+		}
+		bc.XMin = float64(i)
+		bc.Color = setupColor[pn.labels[i]]
+		bc.LineStyle.Width = 0
+		p.Add(bc)
+		maxV = max(maxV, v)
+		xys = append(xys, plotter.XY{X: float64(i), Y: v})
+		labels = append(labels, fmtNum(v, pn.prec))
+	}
+	if maxV == 0 {
+		maxV = 1
+	}
+	p.Y.Max = maxV * 1.18
+	if len(xys) > 0 {
+		lb, err := plotter.NewLabels(plotter.XYLabels{XYs: xys, Labels: labels})
+		if err != nil {
+			return nil, fmt.Errorf("labels %s: %w", pn.title, err)
+		}
+		for i := range lb.TextStyle {
+			lb.TextStyle[i].XAlign = draw.XCenter
+			lb.TextStyle[i].YAlign = draw.YBottom
+			lb.TextStyle[i].Font.Size = 11
+		}
+		p.Add(lb)
+	}
+	p.NominalX(pn.labels...)
+	p.X.Tick.Label.Font.Size = 11
+	return p, nil
+}
