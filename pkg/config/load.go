@@ -35,7 +35,7 @@ var flagSpecs = []flagSpec{
 	{"health-port", "admin.port", "port of the admin server"},
 	{"health-interval", "probe.interval", "time between health probes of one upstream"},
 	{"health-timeout", "probe.timeout", "deadline of one health probe"},
-	{"probe-mode", "probe.mode", "health probe kind: https (GET /readyz) or tcp (connect only)"},
+	{"probe-mode", "probe.mode", "health probe kind: https (GET probe.path, healthy on 200) or tcp (connect only)"},
 	{"enable-discovery", "discovery.enabled", "discover API servers from the kubernetes service's EndpointSlices"},
 	{"kubeconfig", "discovery.kubeconfig", "kubeconfig for discovery (default: in-cluster service account)"},
 	{"state-file", "discovery.state_file", "last-known-good list of discovered endpoints (\"\" = none)"},

@@ -68,6 +68,7 @@ log:
 		{"env over file", file, env, nil, 8002, 9001, []string{"10.0.0.2:6443", "10.0.0.3:6443"}, 20 * time.Second, "debug", 5 * time.Second},
 		{"flags over env", file, env, flags, 8003, 9001, []string{"10.0.0.4:6443"}, 20 * time.Second, "debug", 5 * time.Second},
 		{"unset flags do not override", file, nil, parsedFlags(t), 8001, 9001, []string{"10.0.0.1:6443"}, 10 * time.Second, "debug", 5 * time.Second},
+		{"a flag set to its default still overrides", file, env, parsedFlags(t, "--bind-port=7445", "--log-level=info"), 7445, 9001, []string{"10.0.0.2:6443", "10.0.0.3:6443"}, 20 * time.Second, "info", 5 * time.Second},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
