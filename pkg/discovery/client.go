@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 
+	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -18,17 +19,22 @@ const serviceAccountDir = "/var/run/secrets/kubernetes.io/serviceaccount"
 // userAgent names discovery in the apiserver's logs and audit.
 const userAgent = "extractedprism-discovery"
 
-// buildClient reads the credentials and builds the API client.
-func (m *Manager) buildClient() (kubernetes.Interface, error) {
+// buildClient reads the credentials and builds the API client. The returned
+// function closes the client's idle connections.
+func (m *Manager) buildClient() (kubernetes.Interface, func(), error) {
 	cfg, err := m.restConfig()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	c, err := kubernetes.NewForConfig(cfg)
+	hc, err := rest.HTTPClientFor(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("API client for %s: %w", cfg.Host, err)
+		return nil, nil, fmt.Errorf("HTTP client for %s: %w", cfg.Host, err)
 	}
-	return c, nil
+	c, err := kubernetes.NewForConfigAndClient(cfg, hc)
+	if err != nil {
+		return nil, nil, fmt.Errorf("API client for %s: %w", cfg.Host, err)
+	}
+	return c, func() { utilnet.CloseIdleConnectionsFor(hc.Transport) }, nil
 }
 
 // restConfig returns the client configuration: the kubeconfig's, or the

@@ -152,8 +152,9 @@ type Manager struct {
 	log  *slog.Logger
 	now  func() time.Time
 
-	// newClient builds the API client; tests replace it.
-	newClient func() (kubernetes.Interface, error)
+	// newClient builds the API client and a function that closes its idle
+	// connections; tests replace it.
+	newClient func() (kubernetes.Interface, func(), error)
 	// checkEvery is the period of the static restore check.
 	checkEvery time.Duration
 	// backoff bounds the retry delays of the watch loop.

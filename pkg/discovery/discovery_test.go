@@ -162,7 +162,7 @@ func newManager(t *testing.T, o Options, client kubernetes.Interface) (*Manager,
 		t.Fatalf("New: %v", err)
 	}
 	if client != nil {
-		m.newClient = func() (kubernetes.Interface, error) { return client, nil }
+		m.newClient = func() (kubernetes.Interface, func(), error) { return client, func() {}, nil }
 	}
 	m.checkEvery = 5 * time.Millisecond
 	m.backoff = backoffPolicy{base: 5 * time.Millisecond, max: 20 * time.Millisecond}
@@ -345,9 +345,9 @@ func TestDisabledEmitsStaticOnlyAndFollowsSetStatic(t *testing.T) {
 		t.Fatal(err)
 	}
 	m, r, _ := newManager(t, Options{Static: []string{"10.0.0.2:6443", "10.0.0.1:6443"}, StateFile: state}, nil)
-	m.newClient = func() (kubernetes.Interface, error) {
+	m.newClient = func() (kubernetes.Interface, func(), error) {
 		t.Error("a disabled manager built an API client")
-		return nil, errors.New("disabled")
+		return nil, nil, errors.New("disabled")
 	}
 	run(t, m)
 	waitLast(t, r, "10.0.0.1:6443/static 10.0.0.2:6443/static")
@@ -841,9 +841,11 @@ current-context: x
 			if cfg.BearerToken != "secret" || cfg.UserAgent != userAgent {
 				t.Fatalf("credentials or user agent lost: %q %q", cfg.BearerToken, cfg.UserAgent)
 			}
-			if _, err := m.buildClient(); err != nil {
+			_, closeIdle, err := m.buildClient()
+			if err != nil {
 				t.Fatal(err)
 			}
+			closeIdle()
 		})
 	}
 }

@@ -66,7 +66,7 @@ func (m *Manager) watchLoop(ctx context.Context, out chan<- watchMsg) {
 	attempt := 0
 	for ctx.Err() == nil {
 		if client == nil {
-			c, err := m.newClient()
+			c, closeIdle, err := m.newClient()
 			if err != nil {
 				err = fmt.Errorf("build API client: %w", err)
 				m.log.Warn("discovery cannot build its API client; retrying", "error", err)
@@ -80,6 +80,7 @@ func (m *Manager) watchLoop(ctx context.Context, out chan<- watchMsg) {
 				continue
 			}
 			client = c
+			defer closeIdle()
 		}
 		err := m.listAndWatch(ctx, client, send, &attempt)
 		if ctx.Err() != nil {
