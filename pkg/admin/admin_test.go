@@ -21,9 +21,13 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 func TestEndpoints(t *testing.T) {
 	ready, alive := false, true
 	s := New(Options{
-		Alive:  func() (bool, string) { return alive, "accept loop alive" },
-		Ready:  func() (bool, string) { return ready, map[bool]string{true: "2/3 upstreams healthy", false: "no healthy upstream (0/3)"}[ready] },
-		Status: func() status.Document { return status.Document{Ready: ready, Upstreams: []status.Upstream{{Address: "10.0.0.1:6443", State: "up"}}} },
+		Alive: func() (bool, string) { return alive, "accept loop alive" },
+		Ready: func() (bool, string) {
+			return ready, map[bool]string{true: "2/3 upstreams healthy", false: "no healthy upstream (0/3)"}[ready]
+		},
+		Status: func() status.Document {
+			return status.Document{Ready: ready, Upstreams: []status.Upstream{{Address: "10.0.0.1:6443", State: "up"}}}
+		},
 	})
 	h := s.Handler()
 	do := func(method, path string) (int, string) {

@@ -26,7 +26,7 @@ func newReserveListener(ln net.Listener) net.Listener {
 
 func (r *reserveListener) Accept() (net.Conn, error) {
 	c, err := r.Listener.Accept()
-	if err == nil || !(errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)) {
+	if err == nil || (!errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE)) {
 		r.refill()
 		return c, err
 	}

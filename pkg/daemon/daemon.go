@@ -197,7 +197,7 @@ func Run(ctx context.Context, o Options) error {
 		w := config.NewWatcher(config.WatchOptions{
 			Path: o.ConfigPath, Flags: o.Flags, Environ: o.Environ, Initial: cfg, Logger: d.log,
 			Debounce: 200 * time.Millisecond, Trigger: o.Reload,
-			OnChange: d.apply, OnError: d.reloadFailed,
+			OnChange: d.apply, OnError: d.reloadFailed, OnLoad: d.loaded,
 		})
 		g.Go(func() error { return w.Run(gctx) })
 	}
@@ -371,6 +371,14 @@ func (d *daemon) onTransition(t upstream.Transition) {
 		d.proxy.UpstreamDown(t.Upstream)
 	}
 	d.updateStatusLine()
+}
+
+// adminHost returns the host the admin server of cfg binds.
+func adminHost(cfg config.Config) string {
+	if cfg.Admin.Address != "" {
+		return cfg.Admin.Address
+	}
+	return cfg.Listen.Address
 }
 
 func upstreamMetrics(u *upstream.Upstream) *metrics.UpstreamMetrics {
@@ -570,6 +578,20 @@ func (d *daemon) reloadFailed(err error) {
 	d.updateStatusLine()
 }
 
+// loaded records a successful reload that changed nothing (for example a
+// bad edit reverted), clearing an earlier failure; apply records changes.
+func (d *daemon) loaded(_ config.Config, changed bool) {
+	if changed {
+		return
+	}
+	now := time.Now()
+	d.mu.Lock()
+	d.reloadAt, d.reloadOK, d.reloadErr = now, true, ""
+	d.mu.Unlock()
+	d.met.ConfigReloaded(true, now)
+	d.updateStatusLine()
+}
+
 // apply switches to a new, validated configuration without dropping a
 // connection.
 func (d *daemon) apply(next config.Config) {
@@ -612,9 +634,9 @@ func (d *daemon) apply(next config.Config) {
 		ln, err := d.o.Listen(context.Background(), next.AdminAddr(), false)
 		if err != nil {
 			problems = append(problems, fmt.Errorf("admin address %s: %w (still serving %s)", next.AdminAddr(), err, prev.AdminAddr()))
-			host, port, _ := net.SplitHostPort(prev.AdminAddr())
-			next.Admin.Address = host
-			fmt.Sscan(port, &next.Admin.Port)
+			// Keep serving where we are, even if the old admin address
+			// was derived from the listen address that just changed.
+			next.Admin.Address, next.Admin.Port = adminHost(prev), prev.Admin.Port
 		} else {
 			d.stopAdmin()
 			d.startAdmin(ln)

@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/extractedprism/extractedprism/pkg/ratelog"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
 
@@ -127,6 +128,9 @@ type Server struct {
 	shutdown  bool
 	idle      chan struct{} // closed and replaced when conns becomes empty
 
+	// rlog logs bursts of identical failures once per window with a count.
+	rlog *ratelog.Limiter
+
 	active     atomic.Int64
 	acceptErr  atomic.Pointer[error]
 	loopDied   atomic.Bool
@@ -149,6 +153,7 @@ func New(o Options) *Server {
 	}
 	o = o.withDefaults()
 	s.opts.Store(&o)
+	s.rlog = ratelog.New(o.Logger, 10*time.Second, nil)
 	return s
 }
 
@@ -225,16 +230,21 @@ func (s *Server) Active() int64 { return s.active.Load() }
 func (s *Server) Run(ctx context.Context) error {
 	s.runStarted.Store(true)
 	rbCtx, rbCancel := context.WithCancel(context.Background())
-	rbDone := make(chan struct{})
+	rbDone := make(chan struct{}, 2)
 	go func() {
-		defer close(rbDone)
+		defer func() { rbDone <- struct{}{} }()
 		s.rebalanceLoop(rbCtx)
 	}()
+	go func() {
+		defer func() { rbDone <- struct{}{} }()
+		_ = s.rlog.Run(rbCtx)
+	}()
 	<-ctx.Done()
-	rbCancel()
-	<-rbDone
 	s.drain()
 	s.wg.Wait()
+	rbCancel()
+	<-rbDone
+	<-rbDone
 	return nil
 }
 
@@ -385,23 +395,9 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 	}
 }
 
-var acceptErrLog struct {
-	mu   sync.Mutex
-	last time.Time
-	n    int
-}
-
-// logAcceptError logs accept failures at most once a second with a count.
+// logAcceptError logs accept failures once per window with a count.
 func (s *Server) logAcceptError(err error, delay time.Duration) {
-	acceptErrLog.mu.Lock()
-	defer acceptErrLog.mu.Unlock()
-	acceptErrLog.n++
-	now := time.Now()
-	if now.Sub(acceptErrLog.last) < time.Second {
-		return
-	}
-	s.opts.Load().Logger.Warn("accept failed, retrying", "err", err, "retry_in", delay, "count", acceptErrLog.n)
-	acceptErrLog.last, acceptErrLog.n = now, 0
+	s.rlog.Log(context.Background(), slog.LevelWarn, "accept", "accept failed, retrying", "err", err, "retry_in", delay)
 }
 
 const (
@@ -468,7 +464,7 @@ func (s *Server) handle(client net.Conn) {
 	up, u, err := s.dialNext(o, &tried)
 	if err != nil {
 		o.Observer.NoUpstream()
-		noUpstreamLog(o.Logger, err)
+		s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable", "reason", err)
 		return
 	}
 	if !c.setUpstream(u, up) {
@@ -523,23 +519,6 @@ func (s *Server) dialNext(o *Options, tried *map[*upstream.Upstream]bool) (net.C
 		s.set.MarkDown(u, fmt.Sprintf("connect failed (%s): %v", reason, err))
 		errs = append(errs, fmt.Errorf("%s: %w", u.Addr(), err))
 	}
-}
-
-var noUpstream struct {
-	mu   sync.Mutex
-	last time.Time
-	n    int
-}
-
-func noUpstreamLog(l *slog.Logger, err error) {
-	noUpstream.mu.Lock()
-	defer noUpstream.mu.Unlock()
-	noUpstream.n++
-	if time.Since(noUpstream.last) < time.Second {
-		return
-	}
-	l.Warn("client connection closed: no upstream reachable", "err", err, "count", noUpstream.n)
-	noUpstream.last, noUpstream.n = time.Now(), 0
 }
 
 // dialReason classifies a connect error for metrics.

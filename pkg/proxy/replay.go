@@ -1,9 +1,11 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"time"
@@ -227,7 +229,8 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
 			ss.o.Observer.NoUpstream()
-			noUpstreamLog(ss.o.Logger, fmt.Errorf("%s, then: %w", reason, derr))
+			ss.s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable",
+				"reason", fmt.Errorf("%s, then: %w", reason, derr))
 			_ = client.Close()
 			return 0
 		}
