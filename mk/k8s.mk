@@ -116,12 +116,18 @@ chart-docs:
 $(IMAGE_DIR)/extractedprism-linux-%: FORCE
 	CGO_ENABLED=0 GOOS=linux GOARCH=$* $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/extractedprism
 
-## image: OCI image archive of the static binary for amd64 and arm64 (no registry access).
-image: $(foreach a,$(IMAGE_ARCHES),$(IMAGE_DIR)/extractedprism-linux-$(a))
-	cd packaging/image && $(GO) run . -out $(CURDIR)/$(IMAGE_TAR) -ref $(IMAGE_REF) \
-	  -version $(VERSION) -revision $(COMMIT) -epoch $(IMAGE_EPOCH) \
+IMAGE_BUILD = cd packaging/image && $(GO) build -o $(BIN)/image-builder . && $(BIN)/image-builder \
+	  -ref $(IMAGE_REF) -version $(VERSION) -revision $(COMMIT) -epoch $(IMAGE_EPOCH) \
 	  $(foreach a,$(IMAGE_ARCHES),-binary linux/$(a)=$(CURDIR)/$(IMAGE_DIR)/extractedprism-linux-$(a))
 
+## image: OCI image archive of the static binary for amd64 and arm64 (no registry access).
+image: $(foreach a,$(IMAGE_ARCHES),$(IMAGE_DIR)/extractedprism-linux-$(a))
+	$(IMAGE_BUILD) -out $(CURDIR)/$(IMAGE_TAR)
+
+# Inspects the archive, and builds it a second time from the same binaries:
+# the two must be identical.
 image-test: image
 	cd packaging/image && IMAGE_TAR=$(CURDIR)/$(IMAGE_TAR) IMAGE_ARCHES='$(IMAGE_ARCHES)' \
 	  IMAGE_BINARY_DIR=$(CURDIR)/$(IMAGE_DIR) $(GO) test -race -count=1 ./...
+	$(IMAGE_BUILD) -out $(CURDIR)/$(IMAGE_TAR).again
+	cmp $(IMAGE_TAR) $(IMAGE_TAR).again && rm -f $(IMAGE_TAR).again && echo "image archive is reproducible"
