@@ -296,12 +296,19 @@ func reportFailures(t testing.TB, rs []loadResult) {
 	t.Errorf("%d of %d client requests failed, want 0", len(f), len(rs))
 }
 
-// hungListener accepts TCP connections and never answers. It reads the
-// first bytes each client sends (invisible to the sender: the kernel acks
-// them either way) only to tell proxied client connections, whose TLS
-// ClientHello carries clientSNI, from probes.
-type hungListener struct {
+// freezer is a TCP forwarder in front of a real stand-in that can be
+// frozen: from then on it answers nothing, on the connections it already
+// forwards (including the balancer's kept-alive probe connection) and on
+// new ones, which it still accepts. That is an apiserver that hangs.
+//
+// It reads what peers send first only to tell proxied client connections
+// (their TLS ClientHello carries clientSNI) from probes; the peer cannot
+// see the difference, the kernel acks the bytes either way.
+type freezer struct {
 	ln      net.Listener
+	backend string
+	frozen  atomic.Bool
+	closing chan struct{}
 	accepts atomic.Int64
 	clients atomic.Int64
 	wg      sync.WaitGroup
@@ -311,68 +318,117 @@ type hungListener struct {
 	closed bool
 }
 
-func startHungListener(t testing.TB) *hungListener {
+// startFreezer listens on a free loopback port and forwards to backend.
+func startFreezer(t testing.TB, backend string) *freezer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &hungListener{ln: ln}
-	h.wg.Add(1)
-	go h.serve()
-	t.Cleanup(h.close)
-	return h
+	f := &freezer{ln: ln, backend: backend, closing: make(chan struct{})}
+	f.wg.Add(1)
+	go f.serve()
+	t.Cleanup(f.close)
+	return f
 }
 
-func (h *hungListener) addr() string { return h.ln.Addr().String() }
+func (f *freezer) addr() string { return f.ln.Addr().String() }
 
-func (h *hungListener) serve() {
-	defer h.wg.Done()
+// freeze stops all forwarding for good.
+func (f *freezer) freeze() { f.frozen.Store(true) }
+
+// keep registers c for closing; false if the freezer is closed already.
+func (f *freezer) keep(c net.Conn) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		_ = c.Close()
+		return false
+	}
+	f.conns = append(f.conns, c)
+	return true
+}
+
+func (f *freezer) serve() {
+	defer f.wg.Done()
 	for {
-		c, err := h.ln.Accept()
+		c, err := f.ln.Accept()
 		if err != nil {
 			return
 		}
-		h.accepts.Add(1)
-		h.mu.Lock()
-		if h.closed {
-			h.mu.Unlock()
+		f.accepts.Add(1)
+		if !f.keep(c) {
+			return
+		}
+		f.wg.Add(1)
+		go f.handle(c)
+	}
+}
+
+func (f *freezer) handle(c net.Conn) {
+	defer f.wg.Done()
+	var b net.Conn
+	if !f.frozen.Load() {
+		var err error
+		b, err = net.DialTimeout("tcp", f.backend, requestTimeout)
+		if err != nil || !f.keep(b) {
 			_ = c.Close()
 			return
 		}
-		h.conns = append(h.conns, c)
-		h.mu.Unlock()
-		h.wg.Add(1)
-		go h.classify(c)
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			f.copy(c, b, false)
+		}()
 	}
+	f.copy(b, c, true)
 }
 
-// classify reads what the peer sends first, without ever answering.
-func (h *hungListener) classify(c net.Conn) {
-	defer h.wg.Done()
+// copy forwards src to dst (dst nil: nowhere) until frozen; then it only
+// goes on reading while it looks for clientSNI, and parks until the
+// freezer closes.
+func (f *freezer) copy(dst, src net.Conn, classify bool) {
 	var seen []byte
-	buf := make([]byte, 4096)
-	_ = c.SetReadDeadline(time.Now().Add(requestTimeout))
-	for len(seen) < 16<<10 {
-		n, err := c.Read(buf)
-		seen = append(seen, buf[:n]...)
-		if bytes.Contains(seen, []byte(clientSNI)) {
-			h.clients.Add(1)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if classify && n > 0 {
+			seen = append(seen, buf[:n]...)
+			if bytes.Contains(seen, []byte(clientSNI)) {
+				f.clients.Add(1)
+				classify = false
+			} else if len(seen) > 16<<10 {
+				classify = false
+			}
+		}
+		if f.frozen.Load() || dst == nil {
+			if classify && err == nil {
+				continue
+			}
+			<-f.closing
 			return
+		}
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				_ = src.Close()
+				return
+			}
 		}
 		if err != nil {
+			_ = dst.Close()
 			return
 		}
 	}
 }
 
-func (h *hungListener) close() {
-	_ = h.ln.Close()
-	h.mu.Lock()
-	h.closed = true
-	for _, c := range h.conns {
+func (f *freezer) close() {
+	_ = f.ln.Close()
+	f.mu.Lock()
+	f.closed = true
+	close(f.closing)
+	for _, c := range f.conns {
 		_ = c.Close()
 	}
-	h.mu.Unlock()
-	h.wg.Wait()
+	f.mu.Unlock()
+	f.wg.Wait()
 }
