@@ -205,7 +205,7 @@ func Run(ctx context.Context, o Options) error {
 	g.Go(func() error { d.readyNotifier(gctx); return nil })
 
 	d.log.Info("extractedprism started", "version", version.Version, "listen", ln.Addr().String(),
-		"admin", adminLn.Addr().String(), "upstreams", len(d.set.Addresses()))
+		"admin", adminLn.Addr().String(), "static_endpoints", len(cfg.Endpoints), "discovery", cfg.Discovery.Enabled)
 
 	select {
 	case <-ctx.Done():
