@@ -211,7 +211,7 @@ func TestServiceContract(t *testing.T) {
 // the shipped configuration tells the daemon to listen, so the daemon finds
 // its activated listeners (it matches them by address).
 func TestSocketMatchesConfig(t *testing.T) {
-	b, err := os.ReadFile("../packaging/config.yaml")
+	b, err := os.ReadFile("../configs/extractedprism.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -226,7 +226,7 @@ func TestSocketMatchesConfig(t *testing.T) {
 		} `yaml:"admin"`
 	}
 	if err := yaml.Unmarshal(b, &cfg); err != nil {
-		t.Fatalf("packaging/config.yaml: %v", err)
+		t.Fatalf("configs/extractedprism.yaml: %v", err)
 	}
 	adminAddr := cfg.Admin.Address
 	if adminAddr == "" {
@@ -238,7 +238,7 @@ func TestSocketMatchesConfig(t *testing.T) {
 	}
 	u := parseUnit(t, "extractedprism.socket")
 	if got := u.get("Socket", "ListenStream"); !slices.Equal(got, want) {
-		t.Errorf("[Socket] ListenStream = %q, want %q (listen and admin of packaging/config.yaml)", got, want)
+		t.Errorf("[Socket] ListenStream = %q, want %q (listen and admin of configs/extractedprism.yaml, the packaged default)", got, want)
 	}
 	if got := u.get("Socket", "Service"); !slices.Equal(got, []string{"extractedprism.service"}) {
 		t.Errorf("[Socket] Service = %q, want extractedprism.service", got)
