@@ -73,8 +73,10 @@ $(K8S_SCHEMAS)/.done:
 
 k8s-tools: $(BIN)/helm $(BIN)/kubeconform $(UNITTEST_DIR)/untt $(K8S_SCHEMAS)/.done
 
-chart-test: chart-lint chart-template chart-negative chart-unittest kubeadm-test
-	$(GO) test -race -count=1 ./manifests/...
+# The Go tests render the chart with the real helm and start the real daemon
+# with the rendered flags, configuration file and probes.
+chart-test: chart-lint chart-template chart-negative chart-unittest kubeadm-test $(BIN)/helm $(BIN)/extractedprism
+	HELM=$(BIN)/helm EXTRACTEDPRISM=$(BIN)/extractedprism $(GO) test -race -count=1 ./manifests/...
 
 chart-lint: $(BIN)/helm
 	$(HELM) lint --strict $(CHART_DIR) -f $(CHART_TEST_DIR)/values/default.yaml
@@ -83,12 +85,14 @@ chart-lint: $(BIN)/helm
 # The monitoring objects are rendered with the CRD's API announced and
 # checked for their shape by the unit tests (their schemas are not in the
 # Kubernetes OpenAPI document).
+# The rendered sets stay in $(BIN)/chart-render/ (e.g. for a server-side
+# dry run against a real API server).
 chart-template: $(BIN)/helm $(BIN)/kubeconform $(K8S_SCHEMAS)/.done
-	set -euo pipefail; for f in $(CHART_TEST_DIR)/values/*.yaml; do \
-	  echo "== helm template -f $$f"; \
+	set -euo pipefail; mkdir -p $(BIN)/chart-render; for f in $(CHART_TEST_DIR)/values/*.yaml; do \
+	  out=$(BIN)/chart-render/$$(basename $$f); echo "== helm template -f $$f > $$out"; \
 	  $(HELM) template extractedprism $(CHART_DIR) --namespace kube-system -f $$f \
-	    --api-versions monitoring.coreos.com/v1 > $(BIN)/chart-render.yaml; \
-	  $(KUBECONFORM) -skip ServiceMonitor,PodMonitor $(BIN)/chart-render.yaml; \
+	    --api-versions monitoring.coreos.com/v1 > $$out; \
+	  $(KUBECONFORM) -skip ServiceMonitor,PodMonitor $$out; \
 	done
 
 # Each file in test/negative must make helm template fail with the message
