@@ -79,7 +79,8 @@ chart-test: chart-lint chart-template chart-negative chart-unittest kubeadm-test
 	HELM=$(BIN)/helm EXTRACTEDPRISM=$(BIN)/extractedprism $(GO) test -race -count=1 ./manifests/...
 
 chart-lint: $(BIN)/helm
-	$(HELM) lint --strict $(CHART_DIR) -f $(CHART_TEST_DIR)/values/default.yaml
+	set -e; for f in $(CHART_TEST_DIR)/values/*.yaml; do \
+	  $(HELM) lint --strict --quiet $(CHART_DIR) -f $$f; done
 
 # Every value set renders and every rendered object passes kubeconform.
 # The monitoring objects are rendered with the CRD's API announced and
