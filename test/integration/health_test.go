@@ -177,3 +177,47 @@ func TestAllUpstreamsDown(t *testing.T) {
 	}
 	t.Logf("all upstreams down: /readyz %q; client connections closed after at most %s", strings.TrimSpace(body), describe(worst))
 }
+
+// TestSilentClientKeepsUpstreamsUp: a client that connects and closes
+// without sending a byte (a TCP port check such as `nc -z` or a tcpSocket
+// probe) says nothing about the upstream: no upstream may be marked down
+// and /readyz must stay 200.
+func TestSilentClientKeepsUpstreamsUp(t *testing.T) {
+	ss := startStandins(t, 2)
+	d := startDaemon(t, addrsOf(ss))
+	d.waitReady(t)
+	d.waitAllUp(t, addrsOf(ss))
+	before := d.status(t)
+
+	const checks = 6
+	for range checks {
+		c, err := net.DialTimeout("tcp", d.listen, requestTimeout)
+		if err != nil {
+			t.Fatalf("connect: %v", err)
+		}
+		_ = c.Close()
+	}
+	// Wait until the daemon has handled every one of them.
+	waitFor(t, waitTimeout, "the port checks to be handled", func() (bool, string) {
+		doc, err := d.tryStatus()
+		if err != nil {
+			return false, err.Error()
+		}
+		var total uint64
+		for _, u := range doc.Upstreams {
+			total += u.TotalConnections
+		}
+		return doc.ActiveConnections == 0 && total >= checks,
+			fmt.Sprintf("%d active, %d proxied", doc.ActiveConnections, total)
+	})
+	after := d.status(t)
+	for i, u := range after.Upstreams {
+		if u.State != "up" || !u.Since.Equal(before.Upstreams[i].Since) {
+			t.Errorf("upstream %s is %s since %s (%s) after clients connected and closed without sending; want up since %s",
+				u.Address, u.State, u.Since.Format(time.StampMilli), u.Reason, before.Upstreams[i].Since.Format(time.StampMilli))
+		}
+	}
+	if code, body, err := d.get("/readyz"); err != nil || code != http.StatusOK {
+		t.Errorf("/readyz after silent clients: %d %q %v, want 200", code, body, err)
+	}
+}
