@@ -209,4 +209,6 @@ func loopback(port int) string { return net.JoinHostPort("127.0.0.1", strconv.It
 func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
 
 // describe formats a duration for the logs that feed the release notes.
-func describe(d time.Duration) string { return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond)) }
+func describe(d time.Duration) string {
+	return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond))
+}
