@@ -110,8 +110,12 @@ func TestAcceptSurvivesEMFILE(t *testing.T) {
 			t.Errorf("request %d after recovery: %v", i, err)
 		}
 	}
-	t.Logf("EMFILE: RLIMIT_NOFILE %d exhausted with %d idle client connections; /readyz %q; /healthz %d %q; after release /readyz 200 after %s, proxying again (answered by %s) after %s",
-		nofile, exhaustedWith, strings.TrimSpace(readyBody), healthCode, strings.TrimSpace(healthBody), describe(readyAgain), name, describe(back))
+	readyText := "never without a new client connection"
+	if readyAgain >= 0 {
+		readyText = "after " + describe(readyAgain)
+	}
+	t.Logf("EMFILE: RLIMIT_NOFILE %d exhausted with %d idle client connections; /readyz %q; /healthz %d %q; after release /readyz 200 %s, proxying again (answered by %s) after %s",
+		nofile, exhaustedWith, strings.TrimSpace(readyBody), healthCode, strings.TrimSpace(healthBody), readyText, name, describe(back))
 }
 
 // openFDs counts the open descriptors of pid (-1 if unknown).

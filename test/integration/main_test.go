@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"testing"
 	"time"
 
@@ -58,7 +57,7 @@ func runMain(m *testing.M) int {
 func build(out, pkg string) error {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+		return fmt.Errorf("the go command is needed to build the binaries under test: %w", err)
 	}
 	args := []string{"build", "-o", out}
 	if raceEnabled {
