@@ -42,11 +42,11 @@ package-test: packages
 systemd-test:
 	$(MAKE) packages PKG_ARCHES=$(HOST_ARCH)
 	$(GO) build -o $(BIN)/standin ./test/standin
-	$(GO) test -count=1 -tags systemdtest -timeout 25m -v ./test/systemd/ -args \
+	$(GO) test -race -count=1 -tags systemdtest -timeout 25m -v ./test/systemd/ -args \
 		-repo $(CURDIR) -dist $(CURDIR)/$(PKG_DIST) -standin $(BIN)/standin -nfpm $(BIN)/nfpm
 
 ## systemd-test-clean: drop the cached container root.
 systemd-test-clean:
 	rm -rf .cache/systemd-test
 
-CI_TARGETS += package-test
+CI_TARGETS += package-test systemd-test
