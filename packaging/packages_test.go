@@ -30,10 +30,10 @@ var distDir = flag.String("dist", "../dist", "directory holding the built .deb a
 
 // shipped is every file the packages install, with its mode.
 var shipped = map[string]string{
-	"/usr/bin/extractedprism":                       "-rwxr-xr-x",
+	"/usr/bin/extractedprism":                        "-rwxr-xr-x",
 	"/usr/lib/systemd/system/extractedprism.service": "-rw-r--r--",
 	"/usr/lib/systemd/system/extractedprism.socket":  "-rw-r--r--",
-	"/etc/extractedprism/config.yaml":               "-rw-r--r--",
+	"/etc/extractedprism/config.yaml":                "-rw-r--r--",
 }
 
 const confFile = "/etc/extractedprism/config.yaml"
