@@ -68,8 +68,8 @@ func start(t *testing.T, daemon string, args []string) *instance {
 	go func() { in.done <- in.cmd.Wait() }()
 	t.Cleanup(func() {
 		_ = in.cmd.Process.Kill()
-		<-in.done
-		in.done <- nil
+		err := <-in.done
+		in.done <- err
 		if t.Failed() {
 			t.Logf("daemon %d output:\n%s", in.cmd.Process.Pid, in.logs.String())
 		}
