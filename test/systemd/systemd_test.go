@@ -8,7 +8,9 @@
 package systemd_test
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -389,6 +391,18 @@ func TestPackageUnderSystemd(t *testing.T) {
 	step(t, "systemctl restart under a client loop")
 	underLoad("systemctl restart", func() { c.must("systemctl", "restart", "extractedprism.service") })
 
+	step(t, "systemctl restart under a client loop, with a long-lived stream open (drain_timeout 10s)")
+	streamEnded, closeStream := openStream(t, e.proxy)
+	restartAt := time.Now()
+	underLoad("systemctl restart with an open stream", func() { c.must("systemctl", "restart", "extractedprism.service") })
+	select {
+	case end := <-streamEnded:
+		t.Logf("RESULT the open stream was cut %v after the restart began", end.Sub(restartAt).Round(time.Millisecond))
+	case <-time.After(time.Minute):
+		t.Errorf("the stream opened before the restart is still flowing a minute later")
+	}
+	closeStream()
+
 	step(t, "upgrade to %s under a client loop", upVersion)
 	sock := c.show("extractedprism.socket", "ActiveEnterTimestampMonotonic")
 	confBefore := c.must("cat", "/etc/extractedprism/config.yaml")
@@ -480,5 +494,37 @@ func TestPackageUnderSystemd(t *testing.T) {
 	}
 	if len(leftovers) > 0 {
 		t.Errorf("after purge left behind: %q", leftovers)
+	}
+}
+
+// openStream opens GET /stream through the proxy and reads it in the
+// background; the channel receives the time the stream ended.
+func openStream(t *testing.T, proxy string) (<-chan time.Time, func()) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", proxy, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(conn, &tls.Config{InsecureSkipVerify: true, ServerName: "kubernetes"}) //nolint:gosec // stand-in's self-signed certificate
+	_ = tc.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := fmt.Fprintf(tc, "GET /stream?interval=200ms HTTP/1.1\r\nHost: kubernetes\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(tc)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /stream through %s: %v %v", proxy, resp, err)
+	}
+	_ = tc.SetDeadline(time.Time{})
+	ended := make(chan time.Time, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		ended <- time.Now()
+	}()
+	return ended, func() {
+		_ = conn.Close()
+		<-done
 	}
 }
