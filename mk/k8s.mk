@@ -74,9 +74,12 @@ $(K8S_SCHEMAS)/.done:
 k8s-tools: $(BIN)/helm $(BIN)/kubeconform $(UNITTEST_DIR)/untt $(K8S_SCHEMAS)/.done
 
 # The Go tests render the chart with the real helm and start the real daemon
-# with the rendered flags, configuration file and probes.
+# with the rendered flags, configuration file and probes; the monitoring
+# module decodes the ServiceMonitor and PodMonitor strictly into the
+# prometheus-operator API types.
 chart-test: chart-lint chart-template chart-negative chart-unittest kubeadm-test $(BIN)/helm $(BIN)/extractedprism
 	HELM=$(BIN)/helm EXTRACTEDPRISM=$(BIN)/extractedprism $(GO) test -race -count=1 ./manifests/...
+	cd manifests/helm/test/monitoring && HELM=$(BIN)/helm $(GO) test -race -count=1 ./...
 
 chart-lint: $(BIN)/helm
 	set -e; for f in $(CHART_TEST_DIR)/values/*.yaml; do \
