@@ -102,7 +102,7 @@ chart-template: $(BIN)/helm $(BIN)/kubeconform $(K8S_SCHEMAS)/.done
 # Each file in test/negative must make helm template fail with the message
 # its first line names ("# expect: ...").
 chart-negative: $(BIN)/helm
-	set -uo pipefail; fail=0; for f in $(CHART_TEST_DIR)/negative/*.yaml; do \
+	@set -uo pipefail; fail=0; for f in $(CHART_TEST_DIR)/negative/*.yaml; do \
 	  want=$$(sed -n '1s/^# expect: //p' $$f); \
 	  if out=$$($(HELM) template extractedprism $(CHART_DIR) -f $$f 2>&1); then \
 	    echo "FAIL $$f: helm template succeeded"; fail=1; \
