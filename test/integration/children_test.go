@@ -39,12 +39,13 @@ func startStandin(t testing.TB, name, addr string, extra ...string) *standinProc
 	return &standinProc{proc: p, name: name, addr: strings.TrimSpace(line)}
 }
 
-// startStandins starts n stand-ins named a, b, c, ...
+// startStandins starts n stand-ins named a, b, c, ... on ports below the
+// ephemeral range, so that a stand-in restarted on its port finds it free.
 func startStandins(t testing.TB, n int) []*standinProc {
 	t.Helper()
 	out := make([]*standinProc, n)
 	for i := range n {
-		out[i] = startStandin(t, string(rune('a'+i)), "127.0.0.1:0")
+		out[i] = startStandin(t, string(rune('a'+i)), loopback(freePort(t)))
 	}
 	return out
 }
@@ -86,11 +87,12 @@ type daemonProc struct {
 }
 
 // Probe settings used unless a test needs others: fast, so that state
-// changes are seen within a second or two, yet loose enough for a loaded
-// machine.
+// changes are seen within a few seconds, yet loose enough that a healthy
+// stand-in on a loaded machine is not taken for a dead one (that would
+// close its connections and fail clients).
 const (
-	probeInterval = 500 * time.Millisecond
-	probeTimeout  = 500 * time.Millisecond
+	probeInterval = time.Second
+	probeTimeout  = time.Second
 )
 
 // startDaemon runs extractedprism on fresh loopback ports in front of

@@ -30,6 +30,7 @@ func runCmd(t testing.TB, env []string, args ...string) (code int, stdout, stder
 			cmd.Env = append(cmd.Env, kv)
 		}
 	}
+	cmd.Env = append(cmd.Env, childEnv...)
 	cmd.Env = append(cmd.Env, env...)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e

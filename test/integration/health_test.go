@@ -18,9 +18,9 @@ const probeFall = 2
 // TestHungUpstreamMarkedDown: an upstream that was healthy hangs (accepts
 // TCP, answers nothing, not even on the probe's kept-alive connection). It
 // must be marked down within interval*fall + timeout (plus slack for a
-// loaded machine), client requests must all succeed meanwhile (the proxy
-// replays the handshake elsewhere), and afterwards no client connection
-// may go there.
+// loaded machine), client requests must all succeed meanwhile (a
+// connection sent there before the mark has its handshake replayed
+// elsewhere), and afterwards no client connection may go there.
 func TestHungUpstreamMarkedDown(t *testing.T) {
 	ss := startStandins(t, 3)
 	f := startFreezer(t, ss[2].addr)
@@ -39,8 +39,14 @@ func TestHungUpstreamMarkedDown(t *testing.T) {
 		return false, "none yet"
 	})
 
+	// Hang between requests: a request already past its TLS handshake on
+	// an apiserver that hangs is lost with any balancer. A connection that
+	// has not had the upstream's first byte must not be: its handshake is
+	// replayed elsewhere.
+	l.gate.Lock()
 	frozeAt := time.Now()
 	f.freeze()
+	l.gate.Unlock()
 	detect := d.waitState(t, f.addr(), "down", waitTimeout)
 	bound := probeInterval*probeFall + probeTimeout
 	const slack = 3 * time.Second

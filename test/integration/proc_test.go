@@ -27,6 +27,11 @@ const (
 	pollEvery    = 20 * time.Millisecond
 )
 
+// childEnv is added to every child's environment: race-instrumented
+// children exit at once instead of after the race runtime's default one
+// second pause, so measured exit times are the daemon's own.
+var childEnv = []string{"GORACE=atexit_sleep_ms=0"}
+
 // logBuffer collects a child's output; safe for concurrent use.
 type logBuffer struct {
 	mu  sync.Mutex
@@ -71,6 +76,7 @@ func startProc(t testing.TB, label string, env []string, argv ...string) *proc {
 			cmd.Env = append(cmd.Env, kv)
 		}
 	}
+	cmd.Env = append(cmd.Env, childEnv...)
 	cmd.Env = append(cmd.Env, env...)
 	cmd.Stdout = io.MultiWriter(p.stdout, p.out)
 	cmd.Stderr = p.out

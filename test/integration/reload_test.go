@@ -119,10 +119,10 @@ func TestReloadUnderLoad(t *testing.T) {
 	ss := startStandins(t, 3)
 	all := addrsOf(ss)
 	subsets := [][]int{{0, 1, 2}, {0, 1}, {1, 2}, {0, 2}, {2}, {0}, {1}}
-	intervals := []time.Duration{300 * time.Millisecond, 500 * time.Millisecond, time.Second}
+	intervals := []time.Duration{400 * time.Millisecond, 700 * time.Millisecond, time.Second}
 	version := func(i int) configFile {
 		c := configFile{interval: intervals[i%len(intervals)]}
-		c.timeout = min(c.interval, probeTimeout)
+		c.timeout = c.interval
 		for _, k := range subsets[i%len(subsets)] {
 			c.endpoints = append(c.endpoints, all[k])
 		}
