@@ -23,6 +23,10 @@ const (
 	chaosRate         = 50 // requests per second per worker
 	chaosReqTimeout   = 10 * time.Second
 	slowThreshold     = time.Second
+	// stopGrace is how long extractedprism may take to mark a stopped
+	// upstream down with the bench's settings: fall (2) x interval (1 s)
+	// + probe timeout (1 s).
+	stopGrace = 3 * time.Second
 )
 
 type chaosEvent struct {
@@ -93,6 +97,9 @@ func window(r *chaosResult, key string, evs []chaosEvent, from, to time.Time) (t
 		total++
 		if e.failed {
 			failed++
+			if r == nil {
+				continue
+			}
 			kind := "keep-alive"
 			if e.fresh {
 				kind = "new-connection"
@@ -119,6 +126,7 @@ type chaosResult struct {
 	UnreadyFresh                    int
 	UnreadyShare                    float64
 	StopTotal, StopFailed, StopSlow int
+	StopLateFailed, StopLateSlow    int // requests started stopGrace or later after SIGSTOP
 	TermStreams                     int
 	TermSurviveMedian               float64 // seconds
 	TermSurviveMax                  float64
@@ -296,6 +304,7 @@ func (e *env) chaosStop(ctx context.Context, name string, r *chaosResult) error 
 	_ = u.p.signal(syscall.SIGCONT)
 	evs := l.stop()
 	r.StopTotal, r.StopFailed, r.StopSlow = window(r, "sigstop", evs, from, to)
+	_, r.StopLateFailed, r.StopLateSlow = window(nil, "", evs, from.Add(stopGrace), to)
 	return err
 }
 

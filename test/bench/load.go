@@ -75,6 +75,10 @@ type perfResult struct {
 	IdleKiB     float64 `json:"idle_kib_per_conn"`
 	IdleOpened  int     `json:"idle_opened"`
 	StartReady  float64 `json:"start_ready_ms"`
+	// Go runtime figures per idle connection (extractedprism only).
+	GoroutinesPerConn float64 `json:"goroutines_per_conn,omitempty"`
+	StackKiBPerConn   float64 `json:"stack_kib_per_conn,omitempty"`
+	HeapKiBPerConn    float64 `json:"heap_kib_per_conn,omitempty"`
 }
 
 // keepAlive runs workers keep-alive clients doing GET / for d and returns

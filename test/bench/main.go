@@ -8,17 +8,20 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -30,6 +33,8 @@ const (
 	ncWorkers   = 8
 	idleTarget  = 2000
 	idleDialers = 16
+	// startSamples cold starts are timed per balancer.
+	startSamples = 2
 )
 
 type options struct {
@@ -51,8 +56,8 @@ func main() {
 	flag.StringVar(&o.out, "out", "../../BENCHMARKS.md", "Markdown report to write")
 	flag.StringVar(&o.chart, "chart", "../../docs/bench/bench.png", "PNG chart to write")
 	flag.StringVar(&o.jsonOut, "json", "../../docs/bench/results.json", "raw results to write")
-	flag.IntVar(&o.runs, "runs", 3, "interleaved runs of the throughput figures (the median is reported)")
-	flag.DurationVar(&o.dur, "duration", 3*time.Second, "length of each throughput measurement")
+	flag.IntVar(&o.runs, "runs", 5, "interleaved rounds of the throughput figures (the median is reported)")
+	flag.DurationVar(&o.dur, "duration", 2*time.Second, "length of each throughput measurement")
 	flag.StringVar(&o.only, "only", "", "comma-separated set-ups to measure (direct,extractedprism,haproxy,nginx); default all")
 	flag.BoolVar(&o.skipChaos, "skip-chaos", false, "skip the chaos scenarios")
 	flag.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install haproxy and nginx when missing")
@@ -86,6 +91,7 @@ type results struct {
 	Duration float64                  `json:"duration_s"`
 	Notes    map[string][]string      `json:"notes,omitempty"`
 	Spread   map[string]map[string]mm `json:"spread,omitempty"`
+	Starts   map[string][]float64     `json:"start_ready_ms,omitempty"`
 }
 
 // mm is a min/max pair across runs.
@@ -156,33 +162,18 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		return err
 	}
 
-	for r := range o.runs {
-		order := slices.Clone(setups)
-		// Rotate the order each run so drift hits every set-up alike.
-		for range r % max(1, len(order)) {
-			order = append(order[1:], order[0])
-		}
-		for _, s := range order {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if err := e.healUpstreams(ctx); err != nil {
-				return err
-			}
-			pr, err := e.perf(ctx, log, s, o.dur)
-			if err != nil {
-				log.Warn("perf run failed", "setup", s, "run", r, "err", err)
-				res.Notes[s] = append(res.Notes[s], fmt.Sprintf("run %d: %v", r+1, err))
-				continue
-			}
-			log.Info("perf", "run", r+1, "setup", s, "ka_rps", int(pr.KARps), "p99_ms", round(pr.KAP99ms, 2),
-				"new_conns_s", int(pr.NewConnRate), "bulk1", int(pr.Bulk1MBs), "bulk4", int(pr.Bulk4MBs),
-				"cpu_10k", round(pr.CPUPer10k, 3), "idle_kib", round(pr.IdleKiB, 1), "start_ms", int(pr.StartReady))
-			res.Runs[s] = append(res.Runs[s], pr)
+	if o.runs > 0 {
+		if err := e.perfAll(ctx, log, setups, o.runs, o.dur, &res); err != nil {
+			return err
 		}
 	}
 	for _, s := range setups {
 		res.Median[s], res.Spread[s] = medianPerf(res.Runs[s])
+		if st := res.Starts[s]; len(st) > 0 {
+			m := res.Median[s]
+			m.StartReady = median(st)
+			res.Median[s] = m
+		}
 	}
 	if !o.skipChaos {
 		for _, s := range setups {
@@ -200,53 +191,137 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 	return writeOutputs(o, res)
 }
 
-// perf measures one set-up once.
-func (e *env) perf(ctx context.Context, log *slog.Logger, name string, dur time.Duration) (perfResult, error) {
-	var pr perfResult
-	p, startDur, err := e.startBalancer(ctx, name)
-	if err != nil {
-		return pr, err
-	}
+// perfAll measures every set-up runs times. All balancers run side by side
+// (idle ones cost only their health checks) and every measurement cycles
+// through the set-ups in an order that rotates each round, so machine drift
+// hits all of them alike.
+func (e *env) perfAll(ctx context.Context, log *slog.Logger, setups []string, runs int, dur time.Duration, res *results) error {
+	procs := map[string]*proc{}
 	defer func() {
-		if p != nil {
+		for _, p := range procs {
 			p.stop(15 * time.Second)
 		}
 	}()
-	pr.StartReady = ms(startDur)
-	sleepCtx(ctx, time.Second)
-	targets := e.targets(name)
-
-	cpu0 := cpuOf(p)
-	var reqs int64
-	pr.KARps, pr.KAP50ms, pr.KAP99ms, reqs, pr.KAErrors = keepAlive(ctx, targets, kaWorkers, dur)
-	if p != nil && reqs > 0 {
-		pr.CPUPer10k = (cpuOf(p) - cpu0) / float64(reqs) * 10000
-	}
-	var ncErr error
-	pr.NewConnRate, pr.NCErrors, ncErr = newConns(ctx, targets, ncWorkers, dur)
-	if ncErr != nil {
-		log.Warn("new-connection errors", "setup", name, "count", pr.NCErrors, "first", ncErr)
-	}
-	pr.Bulk1MBs = bulk(ctx, targets, 1, dur)
-	pr.Bulk4MBs = bulk(ctx, targets, 4, dur)
-
-	if p != nil {
-		sleepCtx(ctx, 500*time.Millisecond)
-		base := p.pssKiB()
-		conns, err := idleConns(ctx, targets[0], idleTarget, idleDialers)
-		if err != nil {
-			log.Warn("idle connections", "setup", name, "opened", len(conns), "err", err)
-		}
-		sleepCtx(ctx, time.Second)
-		pr.IdleOpened = len(conns)
-		if len(conns) > 0 {
-			pr.IdleKiB = float64(p.pssKiB()-base) / float64(len(conns))
-		}
-		for _, c := range conns {
-			_ = c.Close()
+	starts := map[string][]float64{}
+	// Start-up time: cold starts here and before every idle-memory
+	// measurement; the last one stays up.
+	for i := range startSamples {
+		for _, s := range setups {
+			if s == nameDirect {
+				continue
+			}
+			if p := procs[s]; p != nil {
+				p.stop(15 * time.Second)
+				delete(procs, s)
+			}
+			p, d, err := e.startBalancer(ctx, s)
+			if err != nil {
+				return fmt.Errorf("start %s (sample %d): %w", s, i+1, err)
+			}
+			procs[s] = p
+			starts[s] = append(starts[s], ms(d))
 		}
 	}
-	return pr, nil
+	sleepCtx(ctx, 2*healthEvery)
+	for _, s := range setups {
+		res.Runs[s] = make([]perfResult, runs)
+	}
+	measures := []struct {
+		name string
+		run  func(s string, pr *perfResult)
+	}{
+		{"keep-alive", func(s string, pr *perfResult) {
+			p := procs[s]
+			cpu0 := cpuOf(p)
+			var reqs int64
+			pr.KARps, pr.KAP50ms, pr.KAP99ms, reqs, pr.KAErrors = keepAlive(ctx, e.targets(s), kaWorkers, dur)
+			if p != nil && reqs > 0 {
+				pr.CPUPer10k = (cpuOf(p) - cpu0) / float64(reqs) * 10000
+			}
+		}},
+		{"new-connections", func(s string, pr *perfResult) {
+			var err error
+			pr.NewConnRate, pr.NCErrors, err = newConns(ctx, e.targets(s), ncWorkers, dur)
+			if err != nil {
+				log.Warn("new-connection errors", "setup", s, "count", pr.NCErrors, "first", err)
+			}
+		}},
+		{"bulk-1", func(s string, pr *perfResult) { pr.Bulk1MBs = bulk(ctx, e.targets(s), 1, dur) }},
+		{"bulk-4", func(s string, pr *perfResult) { pr.Bulk4MBs = bulk(ctx, e.targets(s), 4, dur) }},
+		{"idle-memory", func(s string, pr *perfResult) {
+			if procs[s] == nil {
+				return
+			}
+			// A fresh process, so that memory kept from earlier
+			// measurements does not hide the cost of the connections.
+			procs[s].stop(15 * time.Second)
+			p, d, err := e.startBalancer(ctx, s)
+			if err != nil {
+				delete(procs, s)
+				log.Warn("restart for the idle-memory measurement", "setup", s, "err", err)
+				return
+			}
+			procs[s] = p
+			starts[s] = append(starts[s], ms(d))
+			sleepCtx(ctx, healthEvery)
+			base := p.pssKiB()
+			var gm0 map[string]float64
+			if s == nameEP {
+				gm0 = goMetrics(ctx, epHealthAddr)
+			}
+			conns, err := idleConns(ctx, e.targets(s)[0], idleTarget, idleDialers)
+			if err != nil {
+				log.Warn("idle connections", "setup", s, "opened", len(conns), "err", err)
+			}
+			sleepCtx(ctx, 500*time.Millisecond)
+			pr.IdleOpened = len(conns)
+			if len(conns) > 0 {
+				pr.IdleKiB = float64(p.pssKiB()-base) / float64(len(conns))
+				if gm0 != nil {
+					gm1 := goMetrics(ctx, epHealthAddr)
+					n := float64(len(conns))
+					pr.GoroutinesPerConn = (gm1["go_goroutines"] - gm0["go_goroutines"]) / n
+					pr.StackKiBPerConn = (gm1["go_memstats_stack_inuse_bytes"] - gm0["go_memstats_stack_inuse_bytes"]) / n / 1024
+					pr.HeapKiBPerConn = (gm1["go_memstats_heap_inuse_bytes"] - gm0["go_memstats_heap_inuse_bytes"]) / n / 1024
+				}
+			}
+			for _, c := range conns {
+				_ = c.Close()
+			}
+			sleepCtx(ctx, 500*time.Millisecond)
+		}},
+	}
+	for r := range runs {
+		order := slices.Clone(setups)
+		for range r % max(1, len(order)) {
+			order = append(order[1:], order[0])
+		}
+		for _, m := range measures {
+			for _, s := range order {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				if p, ok := procs[s]; s != nameDirect && (!ok || p.exited()) {
+					if !ok {
+						return fmt.Errorf("%s could not be restarted", s)
+					}
+					return fmt.Errorf("%s exited during the measurements: %v (log: %s)", s, p.err, p.log.Name())
+				}
+				m.run(s, &res.Runs[s][r])
+			}
+		}
+		for _, s := range setups {
+			pr := &res.Runs[s][r]
+			if st := starts[s]; len(st) > 0 {
+				pr.StartReady = st[r%len(st)]
+			}
+			log.Info("perf", "run", r+1, "setup", s, "ka_rps", int(pr.KARps), "p99_ms", round(pr.KAP99ms, 2),
+				"new_conns_s", int(pr.NewConnRate), "bulk1", int(pr.Bulk1MBs), "bulk4", int(pr.Bulk4MBs),
+				"cpu_10k", round(pr.CPUPer10k, 3), "idle_kib", round(pr.IdleKiB, 1))
+		}
+	}
+	res.Starts = starts
+	return nil
 }
 
 func cpuOf(p *proc) float64 {
@@ -283,6 +358,9 @@ func medianPerf(runs []perfResult) (perfResult, map[string]mm) {
 	m.IdleKiB = f("idle_kib_per_conn", func(r perfResult) float64 { return r.IdleKiB })
 	m.IdleOpened = int(f("idle_opened", func(r perfResult) float64 { return float64(r.IdleOpened) }))
 	m.StartReady = f("start_ready_ms", func(r perfResult) float64 { return r.StartReady })
+	m.GoroutinesPerConn = f("goroutines_per_conn", func(r perfResult) float64 { return r.GoroutinesPerConn })
+	m.StackKiBPerConn = f("stack_kib_per_conn", func(r perfResult) float64 { return r.StackKiBPerConn })
+	m.HeapKiBPerConn = f("heap_kib_per_conn", func(r perfResult) float64 { return r.HeapKiBPerConn })
 	return m, spread
 }
 
@@ -354,4 +432,30 @@ func rerender(o options) error {
 	}
 	o.jsonOut = filepath.Join(os.TempDir(), "epbench-rerender.json")
 	return writeOutputs(o, res)
+}
+
+// goMetrics reads the Go runtime gauges from extractedprism's /metrics.
+func goMetrics(ctx context.Context, addr string) map[string]float64 {
+	out := map[string]float64{}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
+	if err != nil {
+		return out
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return out
+	}
+	defer func() { _ = resp.Body.Close() }()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		name, val, ok := strings.Cut(sc.Text(), " ")
+		if !ok || !strings.HasPrefix(name, "go_") {
+			continue
+		}
+		if v, err := strconv.ParseFloat(val, 64); err == nil {
+			out[name] = v
+		}
+	}
+	return out
 }
