@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -24,6 +25,11 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
+	flag.Parse()
+	if testing.Short() {
+		fmt.Fprintln(os.Stderr, "integration: skipped in -short mode (they build and run the real binaries)")
+		return 0
+	}
 	dir, err := os.MkdirTemp("", "extractedprism-integration-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "integration: temp dir:", err)

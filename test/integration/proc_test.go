@@ -190,6 +190,12 @@ var (
 // per run.
 func freePort(t testing.TB) int {
 	t.Helper()
+	return freePortOn(t, "127.0.0.1")
+}
+
+// freePortOn is freePort for another loopback address (e.g. "::1").
+func freePortOn(t testing.TB, host string) int {
+	t.Helper()
 	portMu.Lock()
 	defer portMu.Unlock()
 	for range 500 {
@@ -197,7 +203,7 @@ func freePort(t testing.TB) int {
 		if portsUsed[p] {
 			continue
 		}
-		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
 		if err != nil {
 			continue
 		}
