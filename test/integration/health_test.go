@@ -77,6 +77,33 @@ func TestHungUpstreamMarkedDown(t *testing.T) {
 	logMetrics(t, d, "extractedprism_replays_total", "extractedprism_failovers_total", "extractedprism_closed_on_down_total")
 }
 
+// TestHungFromStart: an endpoint that accepts TCP but never answers from
+// the start is marked down by its first probe, does not delay readiness,
+// and never gets a client connection.
+func TestHungFromStart(t *testing.T) {
+	ss := startStandins(t, 2)
+	f := startFreezer(t, ss[0].addr)
+	f.freeze()
+	eps := []string{ss[0].addr, ss[1].addr, f.addr()}
+	d := startDaemon(t, eps)
+	d.waitReady(t)
+	detect := d.waitState(t, f.addr(), "down", waitTimeout)
+	sinceStart := time.Since(d.started)
+	if bound := probeTimeout + 5*time.Second; sinceStart > bound {
+		t.Errorf("endpoint that never answers marked down %s after start, want within a probe timeout (%s, +5s slack)", sinceStart, probeTimeout)
+	}
+	l := startLoad(t, d.listen, 3)
+	l.waitRequests(t, 150)
+	l.stop()
+	rs := l.snapshot()
+	reportFailures(t, rs)
+	if n := f.clients.Load(); n != 0 {
+		t.Errorf("%d client connections reached the endpoint that never answers, want 0", n)
+	}
+	t.Logf("hung from start: marked down %s after the daemon started (%s after it answered on the admin port); %d client requests, %d failed, %d reached it; probe connections accepted: %d",
+		describe(sinceStart), describe(detect), len(rs), len(failures(rs)), f.clients.Load(), f.accepts.Load())
+}
+
 // TestUnreadyUpstreamDrained: an upstream whose /readyz answers 500 while
 // TCP still works is marked down; its established connections (a long
 // watch-like stream) are closed, streams on other upstreams go on, and no
