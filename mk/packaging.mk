@@ -11,7 +11,7 @@ PKG_ARCHES ?= amd64 arm64
 PKG_DIST   ?= dist
 HOST_ARCH  := $(shell $(GO) env GOARCH)
 
-.PHONY: packages package-test systemd-test systemd-test-clean
+.PHONY: packages package-test systemd-test systemd-test-clean packaging-lint
 
 $(BIN)/nfpm:
 	GOBIN=$(BIN) $(GO) install github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION)
@@ -50,3 +50,9 @@ systemd-test-clean:
 	rm -rf .cache/systemd-test
 
 CI_TARGETS += package-test systemd-test
+
+## packaging-lint: golangci-lint on the build-tagged package and systemd tests.
+packaging-lint: $(BIN)/golangci-lint
+	$(BIN)/golangci-lint run --build-tags packaging,systemdtest ./packaging/ ./test/systemd/
+
+CI_TARGETS += packaging-lint

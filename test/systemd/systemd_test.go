@@ -457,6 +457,23 @@ func TestPackageUnderSystemd(t *testing.T) {
 	c.must("rm", "/etc/systemd/system/extractedprism.service.d/watchdog.conf")
 	c.must("systemctl", "daemon-reload")
 
+	step(t, "systemctl stop leaves the socket listening: a connect starts the daemon again")
+	c.must("systemctl", "stop", "extractedprism.service")
+	if p := c.show("extractedprism.service", "ActiveState"); p["ActiveState"] != "inactive" {
+		t.Fatalf("after systemctl stop the service is %v, want inactive", p)
+	}
+	if name, err := requestThrough(context.Background(), e.proxy); err != nil {
+		t.Errorf("request through %s while the service was stopped: %v; want it served by a socket-activated start", e.proxy, err)
+	} else if name != "a" && name != "c" {
+		t.Errorf("request through %s answered by %q, want a or c", e.proxy, name)
+	}
+	// The daemon may serve before READY=1 (upstreams not probed yet are tried).
+	if err := waitFor(30*time.Second, func() bool {
+		return c.show("extractedprism.service", "ActiveState")["ActiveState"] == "active"
+	}); err != nil {
+		t.Errorf("after a connect to the socket the service is %v, want active: %v", c.show("extractedprism.service", "ActiveState", "SubState"), err)
+	}
+
 	step(t, "systemd-analyze security")
 	online := exposure(t, c.must("systemd-analyze", "security", "--no-pager", "extractedprism.service"))
 	offline := exposure(t, c.must("systemd-analyze", "security", "--no-pager", "--offline=yes", "/usr/lib/systemd/system/extractedprism.service"))
