@@ -153,10 +153,17 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	adminLn, err := d.bind(ctx, cfg.AdminAddr(), false, "admin")
+	// The admin port shares SO_REUSEPORT with the listener, so a surged
+	// instance can start while the old one drains.
+	adminLn, err := d.bind(ctx, cfg.AdminAddr(), cfg.Listen.ReusePort, "admin")
 	if err != nil {
 		_ = ln.Close()
 		return err
+	}
+	if cfg.Listen.ReusePort && len(o.Activated) == 0 {
+		if err := proxy.HandoverCheck(); err != nil {
+			d.log.Warn("surge handover is not loss-free on this node", "err", err)
+		}
 	}
 	for _, l := range o.Activated {
 		if l != ln && l != adminLn {
@@ -169,6 +176,16 @@ func Run(ctx context.Context, o Options) error {
 	defer cancelRun()
 	g, gctx := errgroup.WithContext(runCtx)
 	d.group, d.groupCtx = g, gctx
+
+	// Know the static endpoints before the first connection can arrive;
+	// discovery then adds the state file and the cluster's endpoints.
+	d.prober = newProber(g, gctx, d.proberOptions(cfg))
+	static := make([]upstream.Endpoint, len(cfg.Endpoints))
+	for i, e := range cfg.Endpoints {
+		static[i] = upstream.Endpoint{Address: e, Source: string(discovery.SourceStatic)}
+	}
+	d.set.Reconcile(static)
+	d.prober.setTargets(d.set.Addresses())
 
 	proxyCtx, stopProxy := context.WithCancel(context.Background())
 	defer stopProxy()
@@ -184,7 +201,6 @@ func Run(ctx context.Context, o Options) error {
 	}
 	d.startAdmin(adminLn)
 
-	d.prober = newProber(g, gctx, d.proberOptions(cfg))
 	if err := d.startDiscovery(cfg); err != nil {
 		d.stopAdmin()
 		stopProxy()
@@ -631,7 +647,7 @@ func (d *daemon) apply(next config.Config) {
 		}
 	}
 	if next.AdminAddr() != prev.AdminAddr() {
-		ln, err := d.o.Listen(context.Background(), next.AdminAddr(), false)
+		ln, err := d.o.Listen(context.Background(), next.AdminAddr(), next.Listen.ReusePort)
 		if err != nil {
 			problems = append(problems, fmt.Errorf("admin address %s: %w (still serving %s)", next.AdminAddr(), err, prev.AdminAddr()))
 			// Keep serving where we are, even if the old admin address

@@ -2,15 +2,24 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
+	"os"
+	"strings"
+	"sync/atomic"
 	"syscall"
 )
+
+// steeringErr remembers why reuseport steering could not be attached (a
+// property of the kernel, the same for every socket).
+var steeringErr atomic.Pointer[error]
 
 // Listen binds a TCP listener on addr. With reusePort the socket gets
 // SO_REUSEPORT, so a second instance (a surged DaemonSet pod, a new
 // process during an upgrade) can bind the same address while this one
-// drains.
+// drains, and the newest instance receives the new connections (see
+// preferNewest), so the old one's accept queue is empty when it closes.
 func Listen(ctx context.Context, addr string, reusePort bool) (net.Listener, error) {
 	lc := net.ListenConfig{}
 	if reusePort {
@@ -20,5 +29,37 @@ func Listen(ctx context.Context, addr string, reusePort bool) (net.Listener, err
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
+	if reusePort {
+		// Best effort: kernels without socket BPF (EOPNOTSUPP) keep the
+		// kernel's hash-based spreading, where a closing listener's
+		// queue is migrated only with net.ipv4.tcp_migrate_req=1.
+		if tl, ok := ln.(*net.TCPListener); ok {
+			if rc, err := tl.SyscallConn(); err == nil {
+				if err := preferNewest(rc); err != nil {
+					steeringErr.Store(&err)
+				}
+			}
+		}
+	}
 	return ln, nil
+}
+
+// HandoverCheck reports whether a second instance binding the same
+// address with SO_REUSEPORT can take over without the old one resetting
+// the connects queued on its socket when it closes: either the newest
+// instance gets every new connection (reuseport BPF steering), or the
+// kernel migrates a closing listener's queue (net.ipv4.tcp_migrate_req=1).
+// It returns nil when the handover is safe, or an error saying what to do.
+func HandoverCheck() error {
+	p := steeringErr.Load()
+	if p == nil {
+		return nil
+	}
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+	if err == nil && strings.TrimSpace(string(b)) == "1" {
+		return nil
+	}
+	return errors.New("this kernel cannot steer new connections to the newest SO_REUSEPORT listener (" + (*p).Error() +
+		") and net.ipv4.tcp_migrate_req is not 1: during a surge handover, connects queued on the old listener " +
+		"are reset when it closes; set net.ipv4.tcp_migrate_req=1 on the node")
 }

@@ -35,3 +35,23 @@ func setReusePort(rc syscall.RawConn) error {
 	}
 	return serr
 }
+
+// preferNewest attaches a classic BPF program to the SO_REUSEPORT group of
+// rc that hands every new connection to the socket at index 1: the one
+// that joined after the current holder. So when a second instance binds
+// (a surged pod, a new process during an upgrade), the old instance stops
+// receiving connects at once, its accept queue empties, and closing it
+// later resets nothing. With a single socket the index is out of range and
+// the kernel falls back to its normal choice.
+func preferNewest(rc syscall.RawConn) error {
+	prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 1}}
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &fprog)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}

@@ -12,3 +12,6 @@ func setUserTimeout(syscall.RawConn, time.Duration) error { return nil }
 
 // setReusePort is a no-op where SO_REUSEPORT is not supported.
 func setReusePort(syscall.RawConn) error { return nil }
+
+// preferNewest is a no-op where reuseport BPF steering does not exist.
+func preferNewest(syscall.RawConn) error { return nil }
