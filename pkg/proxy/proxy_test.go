@@ -579,3 +579,44 @@ type countRebalanced struct {
 }
 
 func (c countRebalanced) Rebalanced() { c.n.Add(1) }
+
+func TestReusePortSteersToNewest(t *testing.T) {
+	old, err := Listen(context.Background(), "127.0.0.1:0", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = old.Close() }()
+	if p := steeringErr.Load(); p != nil {
+		t.Skipf("kernel refuses reuseport BPF (%v); HandoverCheck covers this case", *p)
+	}
+	newer, err := Listen(context.Background(), old.Addr().String(), true)
+	if err != nil {
+		t.Fatalf("second listener on the same address: %v", err)
+	}
+	defer func() { _ = newer.Close() }()
+	got := make(chan struct{}, 20)
+	go func() {
+		for {
+			c, err := newer.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.Close()
+			got <- struct{}{}
+		}
+	}()
+	for range 20 {
+		c, err := net.Dial("tcp", old.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.Close()
+	}
+	for i := range 20 {
+		select {
+		case <-got:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("newest listener accepted %d of 20 connects", i)
+		}
+	}
+}
