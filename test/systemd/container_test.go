@@ -5,7 +5,6 @@ package systemd_test
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -255,26 +254,4 @@ func (c *container) poweroff() {
 	case <-time.After(30 * time.Second):
 		c.t.Errorf("systemd-nspawn (pid %d) still running after SIGKILL", c.cmd.Process.Pid)
 	}
-}
-
-func tail(s string, lines int) string {
-	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(l) > lines {
-		l = l[len(l)-lines:]
-	}
-	return strings.Join(l, "\n")
-}
-
-var errTimeout = errors.New("timed out")
-
-// waitFor polls cond every 100ms until it returns true or d passes.
-func waitFor(d time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%w after %v", errTimeout, d)
-		}
-		time.Sleep(100 * time.Millisecond) // polling interval, not synchronisation
-	}
-	return nil
 }

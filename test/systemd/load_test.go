@@ -1,5 +1,3 @@
-//go:build systemdtest
-
 package systemd_test
 
 import (
@@ -107,8 +105,14 @@ func requestThrough(ctx context.Context, proxy string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return requestOn(conn, 20*time.Second)
+}
+
+// requestOn speaks TLS and HTTP/1.1 on an open connection (and closes it),
+// returning the name of the stand-in that answered GET /.
+func requestOn(conn net.Conn, timeout time.Duration) (string, error) {
 	defer func() { _ = conn.Close() }()
-	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+	_ = conn.SetDeadline(time.Now().Add(timeout))
 	tc := tls.Client(conn, &tls.Config{InsecureSkipVerify: true, ServerName: "kubernetes"}) //nolint:gosec // stand-in's self-signed certificate
 	if _, err := fmt.Fprintf(tc, "GET / HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n"); err != nil {
 		return "", fmt.Errorf("after connect: write: %w", err)

@@ -1,10 +1,11 @@
 //go:build systemdtest
 
-// Package systemd_test installs the .deb into a Debian system booted with a
-// real systemd (systemd-nspawn) and checks what an operator sees: readiness,
+// This file installs the .deb into a Debian system booted with a real
+// systemd (systemd-nspawn) and checks what an operator sees: readiness,
 // reload, restart and upgrade without a refused connect, the watchdog, the
 // sandbox score, and a clean purge. Run it with make systemd-test (root,
 // debootstrap and systemd-container needed).
+
 package systemd_test
 
 import (
@@ -30,8 +31,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/extractedprism/extractedprism/pkg/status"
 )
 
@@ -41,11 +40,6 @@ var (
 	standinBin = flag.String("standin", "", "stand-in apiserver binary (default REPO/bin/standin)")
 	nfpmBin    = flag.String("nfpm", "", "nfpm binary, to build the upgrade package (default REPO/bin/nfpm)")
 )
-
-func TestMain(m *testing.M) {
-	flag.Parse()
-	goleak.VerifyTestMain(m)
-}
 
 // maxExposure is the highest systemd-analyze security score accepted ("OK").
 const maxExposure = 2.0
