@@ -257,3 +257,62 @@ func TestReloadMovesListener(t *testing.T) {
 	t.Logf("listen move: reload applied %s after the write, new port served (by %s) after %s, old port refused after %s; stream on the old port still flowing (%d lines)",
 		describe(reloaded), name, describe(serving), describe(refused), lines)
 }
+
+// TestReloadKeepsConnections: a reload that removes upstreams from the
+// endpoint list drops no connection: streams riding on the removed
+// upstreams keep flowing, while new connections go only to the remaining
+// one.
+func TestReloadKeepsConnections(t *testing.T) {
+	ss := startStandins(t, 3)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.yaml")
+	c := configFile{port: freePort(t), adminPort: freePort(t), endpoints: addrsOf(ss),
+		interval: probeInterval, timeout: probeTimeout}
+	writeFile(t, path, c.yaml())
+	d := startDaemonArgs(t, loopback(c.port), loopback(c.adminPort), "--config", path)
+	d.waitReady(t)
+	d.waitAllUp(t, addrsOf(ss))
+
+	// Least-connections puts three concurrent streams on three upstreams.
+	streams := map[string]*stream{}
+	for i := 0; i < 9 && len(streams) < 3; i++ {
+		s := openStream(t, d.listen, 100*time.Millisecond)
+		if streams[s.server] == nil {
+			streams[s.server] = s
+		}
+	}
+	if len(streams) != 3 {
+		t.Fatalf("streams landed on %d upstreams, want 3", len(streams))
+	}
+
+	keep := ss[0]
+	c.endpoints = []string{keep.addr}
+	writeAt := time.Now()
+	writeAtomic(t, path, c.yaml())
+	if ok, errText := d.waitReloaded(t, writeAt, "the shorter endpoint list"); !ok {
+		t.Fatalf("reload failed: %s", errText)
+	}
+	waitFor(t, waitTimeout, "the removed upstreams to leave /status", func() (bool, string) {
+		doc, err := d.tryStatus()
+		if err != nil {
+			return false, err.Error()
+		}
+		return len(doc.Upstreams) == 1 && doc.Upstreams[0].Address == keep.addr, fmt.Sprintf("%+v", doc.Upstreams)
+	})
+	for name, s := range streams {
+		s.waitLines(t, 10, waitTimeout)
+		if s.ended() {
+			t.Errorf("the stream on %s ended after the reload", name)
+		}
+	}
+	for range 20 {
+		name, err := getRoot(d.listen)
+		if err != nil {
+			t.Fatalf("request after the reload: %v", err)
+		}
+		if name != keep.name {
+			t.Fatalf("a new connection went to %s, removed from the endpoint list", name)
+		}
+	}
+	t.Logf("reload removing 2 of 3 upstreams: all 3 streams kept flowing, new connections only to %s", keep.name)
+}
