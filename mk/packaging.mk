@@ -51,8 +51,9 @@ systemd-test-clean:
 
 CI_TARGETS += package-test systemd-test
 
-## packaging-lint: golangci-lint on the build-tagged package and systemd tests.
+## packaging-lint: shellcheck on the maintainer scripts, golangci-lint on the build-tagged tests.
 packaging-lint: $(BIN)/golangci-lint
+	shellcheck packaging/scripts/*.sh
 	$(BIN)/golangci-lint run --build-tags packaging,systemdtest ./packaging/ ./test/systemd/
 
 CI_TARGETS += packaging-lint

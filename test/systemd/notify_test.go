@@ -222,8 +222,9 @@ func TestDaemonUnderServiceManagerProtocols(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	exited := make(chan struct{})
+	var exitErr error
+	go func() { exitErr = cmd.Wait(); close(exited) }()
 	defer func() {
 		select {
 		case <-exited:
@@ -307,10 +308,9 @@ func TestDaemonUnderServiceManagerProtocols(t *testing.T) {
 	}
 	notify.next(t, 30*time.Second, nil, "STOPPING=1")
 	select {
-	case err := <-exited:
-		exited <- err
-		if err != nil {
-			t.Errorf("daemon exit after SIGTERM: %v, want status 0", err)
+	case <-exited:
+		if exitErr != nil {
+			t.Errorf("daemon exit after SIGTERM: %v, want status 0", exitErr)
 		}
 	case <-time.After(time.Minute):
 		t.Fatal("daemon did not exit within a minute of SIGTERM")
