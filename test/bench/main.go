@@ -48,6 +48,7 @@ type options struct {
 	skipChaos bool
 	noInstall bool
 	render    string
+	loadOnly  string
 }
 
 func main() {
@@ -61,6 +62,7 @@ func main() {
 	flag.StringVar(&o.only, "only", "", "comma-separated set-ups to measure (direct,extractedprism,haproxy,nginx); default all")
 	flag.BoolVar(&o.skipChaos, "skip-chaos", false, "skip the chaos scenarios")
 	flag.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install haproxy and nginx when missing")
+	flag.StringVar(&o.loadOnly, "load-only", "", "only apply one load (keepalive, newconn, bulk1, bulk4) for --duration through the first set-up of --only, for profiling; writes nothing")
 	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -162,6 +164,9 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		return err
 	}
 
+	if o.loadOnly != "" {
+		return e.loadOnly(ctx, log, setups[0], o.loadOnly, o.dur)
+	}
 	if o.runs > 0 {
 		if err := e.perfAll(ctx, log, setups, o.runs, o.dur, &res); err != nil {
 			return err
@@ -458,4 +463,37 @@ func goMetrics(ctx context.Context, addr string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// loadOnly applies one kind of load through one set-up, for profiling the
+// balancer from outside.
+func (e *env) loadOnly(ctx context.Context, log *slog.Logger, setup, kind string, dur time.Duration) error {
+	p, _, err := e.startBalancer(ctx, setup)
+	if err != nil {
+		return err
+	}
+	if p != nil {
+		defer p.stop(15 * time.Second)
+		log.Info("balancer running", "setup", setup, "pid", p.pid())
+	}
+	sleepCtx(ctx, 2*healthEvery)
+	t := e.targets(setup)
+	cpu0 := cpuOf(p)
+	switch kind {
+	case "keepalive":
+		rps, p50, p99, reqs, errs := keepAlive(ctx, t, kaWorkers, dur)
+		log.Info("keep-alive", "rps", int(rps), "p50_ms", p50, "p99_ms", p99, "requests", reqs, "errors", errs, "cpu_s", cpuOf(p)-cpu0)
+	case "newconn":
+		rate, errs, first := newConns(ctx, t, ncWorkers, dur)
+		log.Info("new connections", "per_s", int(rate), "errors", errs, "first_error", first, "cpu_s", cpuOf(p)-cpu0)
+	case "bulk1", "bulk4":
+		n := 1
+		if kind == "bulk4" {
+			n = 4
+		}
+		log.Info("bulk", "streams", n, "mb_s", int(bulk(ctx, t, n, dur)), "cpu_s", cpuOf(p)-cpu0)
+	default:
+		return fmt.Errorf("--load-only %q: want keepalive, newconn, bulk1 or bulk4", kind)
+	}
+	return nil
 }
