@@ -37,6 +37,12 @@ func TestFailoverKillAndRestart(t *testing.T) {
 	}
 	l.gate.Unlock()
 	downAfter := d.waitState(t, victim.addr, "down", waitTimeout)
+	downReason := ""
+	for _, u := range d.status(t).Upstreams {
+		if u.Address == victim.addr {
+			downReason = u.Reason
+		}
+	}
 	l.waitRequests(t, 100)
 
 	re := startStandin(t, victim.name, victim.addr)
@@ -73,10 +79,10 @@ func TestFailoverKillAndRestart(t *testing.T) {
 			t.Errorf("stand-in %s answered no request; distribution %v", s.name, perServer)
 		}
 	}
-	t.Logf("failover: %d client requests (new TLS connection each), %d failed; %d after the kill, %d of them before the probe marked it down",
+	t.Logf("failover: %d client requests (new TLS connection each), %d failed; %d after the kill, %d of them before it was marked down",
 		len(rs), len(failures(rs)), afterKill, beforeDown)
-	t.Logf("failover: killed upstream marked down %s after SIGKILL; restarted upstream got traffic again %s after it listened; per server %v",
-		describe(downAfter), describe(backAfter), perServer)
+	t.Logf("failover: killed upstream marked down %s after SIGKILL (%s); restarted upstream got traffic again %s after it listened (probe interval %s, rise 2); per server %v",
+		describe(downAfter), downReason, describe(backAfter), probeInterval, perServer)
 	logMetrics(t, d, "extractedprism_failovers_total", "extractedprism_upstream_dial_failures_total")
 }
 
