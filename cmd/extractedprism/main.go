@@ -131,6 +131,10 @@ func newLogger(cfg config.Config, w io.Writer) (*slog.Logger, *slog.LevelVar) {
 	if cfg.Log.Format == config.LogFormatJSON {
 		return slog.New(slog.NewJSONHandler(w, ho)), lv
 	}
+	if w == os.Stderr && systemd.StderrIsJournal() {
+		// The journal stamps lines itself and reads the priority prefix.
+		ho.ReplaceAttr = systemd.JournalAttr
+	}
 	return slog.New(slog.NewTextHandler(w, ho)), lv
 }
 

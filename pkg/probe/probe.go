@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -218,6 +219,12 @@ func (p *Prober) loop(ctx context.Context, t *target) {
 		if ctx.Err() != nil {
 			return // cancelled mid-probe: not a verdict on the upstream
 		}
+		if localExhaustion(err) {
+			// Out of descriptors here: not a verdict on the upstream.
+			p.opts.Logger.Warn("probe skipped: local resources exhausted", "upstream", t.addr, "err", err)
+			timer.Reset(p.next())
+			continue
+		}
 		ok := err == nil
 		if !ok && t.tr != nil {
 			// Drop a possibly wedged connection; the next probe dials anew.
@@ -242,6 +249,13 @@ func (p *Prober) next() time.Duration {
 	}
 	f := 1 + p.opts.Jitter*(2*rand.Float64()-1) //nolint:gosec // jitter needs no crypto randomness
 	return time.Duration(float64(iv) * f)
+}
+
+// localExhaustion reports errors that are this host's shortage, not the
+// upstream's failure.
+func localExhaustion(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // ErrStatus is wrapped by errors for non-200 probe answers.

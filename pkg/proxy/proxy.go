@@ -132,11 +132,23 @@ type Server struct {
 	rlog *ratelog.Limiter
 
 	active     atomic.Int64
-	acceptErr  atomic.Pointer[error]
+	acceptErr  atomic.Pointer[acceptFailure]
 	loopDied   atomic.Bool
 	wg         sync.WaitGroup // accept loops and connection handlers
 	runStarted atomic.Bool
 }
+
+// acceptFailure is the last accept error and when it happened.
+type acceptFailure struct {
+	err error
+	at  time.Time
+}
+
+// acceptErrorFresh is how long an accept error counts as current. While
+// accepts fail the loop retries at least once a second and renews it; once
+// descriptors are free again Accept blocks waiting for a client, so an
+// older error is stale.
+const acceptErrorFresh = 2500 * time.Millisecond
 
 type acceptLoop struct {
 	ln      net.Listener
@@ -215,8 +227,8 @@ func (s *Server) Alive() bool { return !s.loopDied.Load() }
 // AcceptError returns the error of the last accept if it failed and no
 // accept has succeeded since (e.g. too many open files), or nil.
 func (s *Server) AcceptError() error {
-	if p := s.acceptErr.Load(); p != nil {
-		return *p
+	if p := s.acceptErr.Load(); p != nil && time.Since(p.at) < acceptErrorFresh {
+		return p.err
 	}
 	return nil
 }
@@ -304,9 +316,22 @@ func (s *Server) idleChan() chan struct{} {
 
 // UpstreamDown closes every connection riding on u. The daemon calls it
 // when a probe marks u down and close_on_down is set, so long-lived
-// watches reconnect to a healthy apiserver instead of hanging.
+// watches reconnect to a healthy apiserver instead of hanging. A
+// connection still waiting for u's first byte loses only its upstream leg:
+// its handshake is replayed to another upstream.
 func (s *Server) UpstreamDown(u *upstream.Upstream) int {
-	n := s.closeConns(func(c *conn) bool { return c.upstream() == u }, reasonDown)
+	s.mu.Lock()
+	var waiting []*conn
+	for c := range s.conns {
+		if c.upstream() == u && c.replaying.Load() {
+			waiting = append(waiting, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range waiting {
+		c.closeUpstreamLeg()
+	}
+	n := s.closeConns(func(c *conn) bool { return c.upstream() == u && !c.replaying.Load() }, reasonDown)
 	if n > 0 {
 		o := s.opts.Load()
 		o.Observer.ClosedOnDown(n)
@@ -367,7 +392,7 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 				s.opts.Load().Logger.Error("accept loop stopped: listener closed unexpectedly", "listener", al.ln.Addr().String(), "err", err)
 				return
 			}
-			s.acceptErr.Store(&err)
+			s.acceptErr.Store(&acceptFailure{err: err, at: time.Now()})
 			if delay == 0 {
 				delay = 5 * time.Millisecond
 			} else {
@@ -411,10 +436,24 @@ type conn struct {
 	client net.Conn
 	start  time.Time
 
+	// replaying is true until the upstream's first byte (replay phase).
+	replaying atomic.Bool
+
 	mu     sync.Mutex
 	up     net.Conn
 	u      *upstream.Upstream
 	killed string
+}
+
+// closeUpstreamLeg closes the upstream side only; the replay path then
+// moves the client to another upstream.
+func (c *conn) closeUpstreamLeg() {
+	c.mu.Lock()
+	up := c.up
+	c.mu.Unlock()
+	if up != nil {
+		_ = up.Close()
+	}
 }
 
 func (c *conn) upstream() *upstream.Upstream {
@@ -514,11 +553,23 @@ func (s *Server) dialNext(o *Options, tried *map[*upstream.Upstream]bool) (net.C
 			tuneConn(up, o)
 			return up, u, nil
 		}
+		if localExhaustion(err) {
+			// Out of descriptors here: not the upstream's fault, and no
+			// other upstream would do better.
+			return nil, nil, fmt.Errorf("%w: %s: %w", errNoUpstream, u.Addr(), err)
+		}
 		reason := dialReason(err)
 		o.Observer.DialFailed(u, reason)
 		s.set.MarkDown(u, fmt.Sprintf("connect failed (%s): %v", reason, err))
 		errs = append(errs, fmt.Errorf("%s: %w", u.Addr(), err))
 	}
+}
+
+// localExhaustion reports errors that are this process's or host's
+// shortage (descriptors, buffers), not the upstream's failure.
+func localExhaustion(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // dialReason classifies a connect error for metrics.

@@ -57,6 +57,8 @@ type session struct {
 
 func (s *Server) pipeReplay(o *Options, c *conn, up net.Conn, u *upstream.Upstream, tried map[*upstream.Upstream]bool) {
 	ss := &session{s: s, o: o, c: c, up: up, u: u, replayable: true}
+	c.replaying.Store(true)
+	defer c.replaying.Store(false)
 	u.Acquire()
 	o.Observer.ConnOpened(u)
 	clientDone := make(chan struct{})
@@ -181,6 +183,7 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 		if n > 0 {
 			ss.mu.Lock()
 			ss.answered = true
+			ss.c.replaying.Store(false)
 			ss.kept = nil
 			if ss.fbTimer != nil {
 				ss.fbTimer.Stop()
@@ -202,6 +205,18 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 		if ss.c.killReason() != "" || ss.clientErr != nil {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
+			_ = client.Close()
+			return 0
+		}
+		if ss.clientEOF {
+			// The client closed its side first (a port check, a client
+			// giving up): the upstream's EOF answers that and says
+			// nothing about its health. Pass it on.
+			ss.mu.Unlock()
+			bufPool.Put(bp)
+			if cw, ok := client.(closeWriter); ok && errors.Is(err, io.EOF) && cw.CloseWrite() == nil {
+				return 0
+			}
 			_ = client.Close()
 			return 0
 		}
