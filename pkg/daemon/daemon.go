@@ -39,6 +39,11 @@ import (
 	"github.com/extractedprism/extractedprism/pkg/version"
 )
 
+// unreadyGrace is how long connections of an upstream that answers its
+// probe with "not ready" may go on before close_on_down closes them. A dead
+// or hung upstream's connections are closed at once.
+const unreadyGrace = 5 * time.Second
+
 // ListenFunc binds a TCP listener.
 type ListenFunc func(ctx context.Context, addr string, reusePort bool) (net.Listener, error)
 
@@ -384,7 +389,20 @@ func (d *daemon) onTransition(t upstream.Transition) {
 	closeOnDown := d.cfg.Proxy.CloseOnDown
 	d.mu.Unlock()
 	if t.To == upstream.Down && t.Cause == upstream.CauseProbe && closeOnDown {
-		d.proxy.UpstreamDown(t.Upstream)
+		if errors.Is(t.Err, probe.ErrStatus) {
+			// It answers but is not ready (e.g. a terminating apiserver
+			// in its shutdown delay): no new connections go there, and
+			// requests in flight get unreadyGrace to finish before the
+			// rest (watches) is closed.
+			u := t.Upstream
+			time.AfterFunc(unreadyGrace, func() {
+				if d.set.StateOf(u) == upstream.Down {
+					d.proxy.UpstreamDown(u)
+				}
+			})
+		} else {
+			d.proxy.UpstreamDown(t.Upstream)
+		}
 	}
 	d.updateStatusLine()
 }

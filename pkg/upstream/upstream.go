@@ -129,6 +129,8 @@ type Transition struct {
 	From, To State
 	Cause    Cause
 	Reason   string
+	// Err is the probe error that caused a probe transition to Down.
+	Err error
 }
 
 // Status is a point-in-time copy of one upstream's state.
@@ -373,6 +375,7 @@ func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
 		}
 		if u.state == Unknown || (u.state == Up && u.failStreak >= s.opts.Fall) {
 			tr = s.transition(u, Down, CauseProbe, reason, now)
+			tr.Err = err
 		}
 	}
 	cb := s.opts.OnTransition
@@ -407,6 +410,16 @@ func (s *Set) transition(u *Upstream, to State, cause Cause, reason string, now 
 	tr := &Transition{Upstream: u, Source: u.source, From: u.state, To: to, Cause: cause, Reason: reason}
 	u.state, u.since, u.reason = to, now, reason
 	return tr
+}
+
+// StateOf returns u's current state (Unknown once u left the set).
+func (s *Set) StateOf(u *Upstream) State {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if u.removed.Load() {
+		return Unknown
+	}
+	return u.state
 }
 
 // Counts returns the number of Up upstreams, of upstreams not yet probed,
