@@ -16,7 +16,7 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
-	"go.yaml.in/yaml/v3"
+	"gopkg.in/yaml.v3"
 )
 
 func TestMain(m *testing.M) {

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"go.yaml.in/yaml/v3"
+	"gopkg.in/yaml.v3"
 )
 
 const monitoringDir = "../../manifests/monitoring"

@@ -10,7 +10,7 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
-	"go.yaml.in/yaml/v3"
+	"gopkg.in/yaml.v3"
 )
 
 const chartDir = "../../extractedprism"
