@@ -35,6 +35,8 @@ type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
 // through Upstream.Attachment) instead of by label on every call.
 type Observer interface {
 	Accepted()
+	// Failover: a client connection needed another upstream than the
+	// first one tried (counted once per connection).
 	Failover()
 	Replayed()
 	NoUpstream()
@@ -510,6 +512,9 @@ func (s *Server) handle(client net.Conn) {
 		_ = up.Close()
 		return
 	}
+	if len(tried) > 1 {
+		o.Observer.Failover() // once per connection, however many tries
+	}
 	if o.Replay {
 		s.pipeReplay(o, c, up, u, tried)
 		return
@@ -539,9 +544,6 @@ func (s *Server) dialNext(o *Options, tried *map[*upstream.Upstream]bool) (net.C
 				return nil, nil, fmt.Errorf("%w: no upstream configured or all tried", errNoUpstream)
 			}
 			return nil, nil, fmt.Errorf("%w: %w", errNoUpstream, errors.Join(errs...))
-		}
-		if len(*tried) > 0 {
-			o.Observer.Failover()
 		}
 		(*tried)[u] = true
 		ctx, cancel := context.WithTimeout(context.Background(), o.DialTimeout)

@@ -239,6 +239,7 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 			ss.o.Observer.DialFailed(u, "other")
 		}
 		_ = up.Close()
+		failedOverBefore := len(tried) > 1
 		next, nu, derr := ss.s.dialNext(ss.o, &tried)
 		if derr != nil {
 			ss.mu.Unlock()
@@ -248,6 +249,9 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 				"reason", fmt.Errorf("%s, then: %w", reason, derr))
 			_ = client.Close()
 			return 0
+		}
+		if !failedOverBefore {
+			ss.o.Observer.Failover()
 		}
 		ss.o.Observer.Replayed()
 		ss.o.Logger.Debug("replaying handshake", "from", u.Addr(), "to", nu.Addr(), "bytes", len(ss.kept), "reason", reason)
