@@ -13,7 +13,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -274,7 +273,7 @@ func (e *environment) start(name, bin string, args ...string) (*proc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("log file: %w", err)
 	}
-	fmt.Fprintf(f, "=== %s %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
+	_, _ = fmt.Fprintf(f, "=== %s %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.Dir = e.dir
@@ -661,5 +660,7 @@ func describe(doc status.Document) string {
 	return strings.Join(parts, " ")
 }
 
-// errStop ends a background loop.
-var errStop = errors.New("stop")
+// contextWithTimeout is context.WithTimeout on a background context.
+func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}

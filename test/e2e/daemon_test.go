@@ -1,0 +1,308 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/extractedprism/extractedprism/pkg/status"
+)
+
+// daemonArgs are the flags of every extractedprism run: one static endpoint
+// (the first apiserver), discovery with the restricted credentials through
+// our own listener (via_local is the default), and a state file.
+func daemonArgs(kubeconfig, state string) []string {
+	return []string{
+		"--endpoints=" + apiserverIPs[0] + ":6443",
+		"--enable-discovery",
+		"--kubeconfig=" + kubeconfig,
+		"--state-file=" + state,
+		"--bind-address=127.0.0.1", "--bind-port=7445",
+		"--health-bind-address=127.0.0.1", "--health-port=7446",
+		"--drain-timeout=5s",
+		"--log-level=debug",
+	}
+}
+
+// hasDiscovered reports whether addr is in /status's discovered list and an
+// upstream with source "discovered".
+func hasDiscovered(doc status.Document, addr string) bool {
+	u, ok := upstream(doc, addr)
+	return ok && u.Source == "discovered" && slices.Contains(doc.Discovery.Discovered, addr)
+}
+
+// readState reads the endpoints of the state file.
+func readState(t *testing.T, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("state file: %v", err)
+	}
+	var doc struct {
+		Endpoints []string `json:"endpoints"`
+	}
+	if err := json.Unmarshal(b, &doc); err != nil {
+		t.Fatalf("state file %s: %v", b, err)
+	}
+	return doc.Endpoints
+}
+
+// TestDaemonFollowsRealAPIServers runs bin/extractedprism with discovery
+// against real apiservers and real kubectl, through the scenarios of a
+// control plane that grows, loses members, restarts, and is down at boot.
+func TestDaemonFollowsRealAPIServers(t *testing.T) {
+	a := env.startAPIServer(t, apiserverIPs[0])
+	b := env.startAPIServer(t, apiserverIPs[1])
+	env.waitReady(t, a, b)
+	env.applyRBAC(t, a.addr())
+	sp := env.pollSlice(t)
+	sp.waitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
+		return slices.Equal(s, []string{a.addr(), b.addr()})
+	})
+
+	kc, err := env.kubeconfig("discovery", "https://"+a.addr(), env.discToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(env.dir, "state", "endpoints.json")
+	d := env.startDaemon(t, daemonArgs(kc, state)...)
+	var load *loadLoop
+	var watch *watchLoop
+	step := func(name string, f func()) {
+		t.Logf("== %s", name)
+		start := time.Now()
+		f()
+		t.Logf("== %s: done in %s", name, time.Since(start).Round(time.Millisecond))
+	}
+
+	step("one static endpoint discovers all", func() {
+		doc, at := d.waitStatus(t, "B discovered", 2*time.Minute, func(doc status.Document) bool {
+			return doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr())
+		})
+		env.record("daemon start (1 static endpoint) -> other apiserver discovered: %s", at.Sub(d.start).Round(time.Millisecond))
+		if u, _ := upstream(doc, a.addr()); u.Source != "static" {
+			t.Fatalf("static endpoint reported as %q: %s", u.Source, describe(doc))
+		}
+		if doc.Discovery.LastSync.IsZero() || !doc.Discovery.Enabled {
+			t.Fatalf("discovery status %+v", doc.Discovery)
+		}
+		_, at = d.waitStatus(t, "ready", time.Minute, func(doc status.Document) bool { return doc.Ready })
+		env.record("daemon start -> ready: %s", at.Sub(d.start).Round(time.Millisecond))
+		if got := readState(t, state); !slices.Equal(got, []string{a.addr(), b.addr()}) {
+			t.Fatalf("state file holds %v", got)
+		}
+		out := env.mustKubectl(t, proxyAddr, "", "get", "namespaces", "-o", "name")
+		if !strings.Contains(out, "namespace/default") {
+			t.Fatalf("kubectl get namespaces through extractedprism: %q", out)
+		}
+		env.mustKubectl(t, proxyAddr, "", "create", "configmap", "e2e-first", "-n", "default", "--from-literal=k=v")
+		watch = env.startWatch(t)
+		watch.waitSeen(t, "configmap/e2e-first", time.Minute)
+		load = env.startLoad(t)
+	})
+
+	c := env.startAPIServer(t, apiserverIPs[2])
+	step("a third apiserver is discovered", func() {
+		ready := env.waitReady(t, c)
+		inSlice := sp.waitFor(t, "C listed", ready.Add(-time.Minute), 2*time.Minute, func(s []string) bool { return slices.Contains(s, c.addr()) })
+		_, at := d.waitStatus(t, "C discovered", 2*time.Minute, func(doc status.Document) bool { return hasDiscovered(doc, c.addr()) })
+		env.record("third apiserver: ready -> in EndpointSlice %s; EndpointSlice -> /status %s",
+			inSlice.Sub(ready).Round(time.Millisecond), at.Sub(inSlice).Round(time.Millisecond))
+		_, up := d.waitStatus(t, "C up", time.Minute, func(doc status.Document) bool {
+			u, ok := upstream(doc, c.addr())
+			return ok && u.State == "up"
+		})
+		env.record("third apiserver: /status discovered -> probed up: %s", up.Sub(at).Round(time.Millisecond))
+	})
+
+	step("a SIGKILLed apiserver leaves when its lease expires, kubectl keeps working", func() {
+		// Let some commands reach C first.
+		time0 := time.Now()
+		killed := time.Now()
+		c.p.signal(syscall.SIGKILL)
+		_ = c.p.wait(time.Minute)
+		gone := sp.waitFor(t, "C gone", killed, 2*time.Minute, func(s []string) bool { return !slices.Contains(s, c.addr()) })
+		_, at := d.waitStatus(t, "C removed", 2*time.Minute, func(doc status.Document) bool {
+			_, ok := upstream(doc, c.addr())
+			return !ok
+		})
+		env.record("SIGKILL of an apiserver: kill -> left EndpointSlice %s (lease expiry); EndpointSlice -> /status %s",
+			gone.Sub(killed).Round(time.Millisecond), at.Sub(gone).Round(time.Millisecond))
+		if got := readState(t, state); slices.Contains(got, c.addr()) {
+			t.Fatalf("state file still holds the dead apiserver: %v", got)
+		}
+		total, failed := load.between(time0, time.Now())
+		env.record("SIGKILL of an apiserver: %d kubectl commands through extractedprism, %d failed", total, len(failed))
+		if len(failed) > 0 {
+			t.Errorf("kubectl failed through extractedprism while an apiserver was dead:\n%s", strings.Join(failed, "\n"))
+		}
+		if total < 3 {
+			t.Errorf("only %d kubectl commands ran during the scenario", total)
+		}
+	})
+
+	step("SIGTERM of an apiserver during a watch: the watch comes back through a healthy one", func() {
+		// The test cannot see which apiserver carries the kubectl watch, so
+		// it terminates A and, if the watch was not on A, then B.
+		hit := false
+		for i, x := range []*apiserver{a, b} {
+			name := fmt.Sprintf("e2e-after-term-%d", i)
+			time0 := time.Now()
+			x.p.signal(syscall.SIGTERM)
+			gone := sp.waitFor(t, x.ip+" gone", time0, time.Minute, func(s []string) bool { return !slices.Contains(s, x.addr()) })
+			_, at := d.waitStatus(t, x.ip+" no longer discovered", time.Minute, func(doc status.Document) bool {
+				return !slices.Contains(doc.Discovery.Discovered, x.addr())
+			})
+			env.record("SIGTERM of %s: term -> left EndpointSlice %s; EndpointSlice -> /status %s",
+				x.ip, gone.Sub(time0).Round(time.Millisecond), at.Sub(gone).Round(time.Millisecond))
+			_, out := d.waitStatus(t, x.ip+" down or removed", time.Minute, func(doc status.Document) bool {
+				u, ok := upstream(doc, x.addr())
+				return !ok || u.State == "down"
+			})
+			env.record("SIGTERM of %s: term -> no longer used for new connections %s", x.ip, out.Sub(time0).Round(time.Millisecond))
+			// A terminating apiserver keeps serving the watches it has until
+			// it exits (its HTTP server waits up to a minute for them), unless
+			// extractedprism closes them first.
+			if err := x.p.wait(2 * time.Minute); err != nil {
+				t.Logf("%s exit: %v", x.p.name, err)
+			}
+			env.record("SIGTERM of %s: term -> process exit %s", x.ip, time.Since(time0).Round(time.Millisecond))
+			ended := watch.ended(time0, time.Now())
+			env.mustKubectl(t, proxyAddr, "", "create", "configmap", name, "-n", "default", "--from-literal=k=v")
+			seen := watch.waitSeen(t, "configmap/"+name, time.Minute)
+			if len(ended) > 0 {
+				hit = true
+				next := watch.sessionAfter(ended[0].end)
+				if next.IsZero() || next.After(seen) {
+					t.Fatalf("no new watch session before the change was seen")
+				}
+				env.record("SIGTERM of %s: the kubectl watch riding on it ended %s after the signal; the next watch through extractedprism answered %s later",
+					x.ip, ended[0].end.Sub(time0).Round(time.Millisecond), next.Sub(ended[0].end).Round(time.Millisecond))
+			}
+			total, failed := load.between(time0, time.Now())
+			env.record("SIGTERM of %s: %d kubectl commands through extractedprism, %d failed", x.ip, total, len(failed))
+			if len(failed) > 0 {
+				t.Errorf("kubectl failed through extractedprism after SIGTERM of %s:\n%s", x.ip, strings.Join(failed, "\n"))
+			}
+
+			// Bring it back on the same address.
+			*x = *env.startAPIServer(t, x.ip)
+			ready := env.waitReady(t, x)
+			_, at = d.waitStatus(t, x.ip+" back", 2*time.Minute, func(doc status.Document) bool {
+				u, ok := upstream(doc, x.addr())
+				return ok && u.State == "up" && slices.Contains(doc.Discovery.Discovered, x.addr())
+			})
+			env.record("restart of %s: ready -> discovered and probed up: %s", x.ip, at.Sub(ready).Round(time.Millisecond))
+			if hit {
+				break
+			}
+		}
+		if !hit {
+			t.Fatal("neither SIGTERM ended the kubectl watch: it never rode on a terminated apiserver")
+		}
+	})
+	load.stop()
+	watch.stop()
+
+	step("all apiservers stop, extractedprism restarts, apiservers come back on discovered addresses", func() {
+		// Stop A (the static endpoint) first: discovery then only knows B.
+		// A is killed once it has left the EndpointSlice, rather than
+		// waiting the minute a terminating apiserver gives its watches.
+		a.p.signal(syscall.SIGTERM)
+		d.waitStatus(t, "A no longer discovered", time.Minute, func(doc status.Document) bool {
+			return slices.Equal(doc.Discovery.Discovered, []string{b.addr()})
+		})
+		a.p.kill()
+		// The last apiserver never removes itself from the EndpointSlice
+		// ("refusing to erase all endpoints"): it simply goes away.
+		b.p.kill()
+		if got := readState(t, state); !slices.Equal(got, []string{b.addr()}) {
+			t.Fatalf("state file holds %v, want only %s", got, b.addr())
+		}
+		if err := d.p.stop(time.Minute); err != nil {
+			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+		}
+
+		d = env.startDaemon(t, daemonArgs(kc, state)...)
+		doc, _ := d.waitStatus(t, "the state file's endpoint", time.Minute, func(doc status.Document) bool {
+			u, ok := upstream(doc, b.addr())
+			return ok && u.Source == "state-file"
+		})
+		if doc.Ready {
+			t.Fatalf("ready with every apiserver down: %s", describe(doc))
+		}
+		*b = *env.startAPIServer(t, b.ip)
+		ready := env.waitReady(t, b)
+		var worked time.Time
+		for {
+			ctx, cancel := contextWithTimeout(20 * time.Second)
+			_, err := env.kubectl(ctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+			cancel()
+			if err == nil {
+				worked = time.Now()
+				break
+			}
+			if time.Since(ready) > 2*time.Minute {
+				t.Fatalf("kubectl through extractedprism still fails 2 minutes after the state file's apiserver came back: %v", err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		_, at := d.waitStatus(t, "B discovered", 2*time.Minute, func(doc status.Document) bool {
+			return doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr())
+		})
+		env.record("restart on the state file (static apiserver down): apiserver on a discovered address ready -> kubectl works %s, -> discovery synced %s",
+			worked.Sub(ready).Round(time.Millisecond), at.Sub(ready).Round(time.Millisecond))
+	})
+
+	step("API unreachable at start: static first, discovery later", func() {
+		if err := d.p.stop(time.Minute); err != nil {
+			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v", err)
+		}
+		b.p.kill()
+		if err := os.Remove(state); err != nil {
+			t.Fatal(err)
+		}
+		d = env.startDaemon(t, daemonArgs(kc, state)...)
+		doc, _ := d.waitStatus(t, "discovery failing", time.Minute, func(doc status.Document) bool {
+			return doc.Discovery.State == "error" && doc.Discovery.LastError != ""
+		})
+		if len(doc.Upstreams) != 1 || doc.Upstreams[0].Address != a.addr() || doc.Upstreams[0].Source != "static" {
+			t.Fatalf("upstreams with the API down: %s", describe(doc))
+		}
+		aa := env.startAPIServer(t, a.ip)
+		bb := env.startAPIServer(t, b.ip)
+		*a, *b = *aa, *bb
+		started := time.Now()
+		// Poll the apiservers and /status together: when did the API come
+		// back, and when did extractedprism see the other apiserver?
+		var back, at time.Time
+		for at.IsZero() {
+			if time.Since(started) > 3*time.Minute {
+				t.Fatalf("B not discovered within 3 minutes of the apiservers' start")
+			}
+			if back.IsZero() && (env.ready(a) || env.ready(b)) {
+				back = time.Now()
+			}
+			if doc, err := d.status(); err == nil && doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr()) {
+				at = time.Now()
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if back.IsZero() {
+			back = at
+		}
+		env.waitReady(t, a, b)
+		env.record("API down at start: extractedprism ran %s without an API; first apiserver ready -> other apiserver discovered %s",
+			started.Sub(d.start).Round(time.Millisecond), at.Sub(back).Round(time.Millisecond))
+		env.mustKubectl(t, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+		if err := d.p.stop(time.Minute); err != nil {
+			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v", err)
+		}
+	})
+}
