@@ -399,7 +399,7 @@ func TestFollowsWatchWithDebounce(t *testing.T) {
 	m, r, _ := newManager(t, Options{
 		Static:   []string{"10.0.0.1:6443"},
 		Enabled:  true,
-		Debounce: 300 * time.Millisecond,
+		Debounce: time.Second,
 	}, c)
 	run(t, m)
 	waitLast(t, r, "10.0.0.1:6443/static")
