@@ -491,15 +491,13 @@ func TestFailingAPIKeepsStaticAndStateFileAndRetries(t *testing.T) {
 		defer mu.Unlock()
 		return lists >= 3
 	})
-	s := m.Status()
-	if s.State != StateError || !strings.Contains(s.LastError, "connection refused") {
-		t.Fatalf("status %+v, want state error with the list error", s)
-	}
+	waitFor(t, "three error events", func() bool { return r.countEvents(EventError) >= 3 })
+	waitFor(t, "the error state", func() bool {
+		s := m.Status()
+		return s.State == StateError && strings.Contains(s.LastError, "connection refused")
+	})
 	if got := render(r.last()); got != "10.0.0.1:6443/static 10.0.0.7:6443/state-file 10.0.0.8:6443/state-file" {
 		t.Fatalf("failing discovery changed the list to %q", got)
-	}
-	if r.countEvents(EventError) < 3 {
-		t.Fatalf("%d error events, want at least 3", r.countEvents(EventError))
 	}
 
 	mu.Lock()

@@ -37,20 +37,28 @@ func hasDiscovered(doc status.Document, addr string) bool {
 	return ok && u.Source == "discovered" && slices.Contains(doc.Discovery.Discovered, addr)
 }
 
-// readState reads the endpoints of the state file.
-func readState(t *testing.T, path string) []string {
+// waitState polls the state file until its endpoints equal want.
+func waitState(t *testing.T, path string, want []string) {
 	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("state file: %v", err)
+	deadline := time.Now().Add(30 * time.Second)
+	var got []string
+	var err error
+	for time.Now().Before(deadline) {
+		var b []byte
+		if b, err = os.ReadFile(path); err == nil {
+			var doc struct {
+				Endpoints []string `json:"endpoints"`
+			}
+			if err = json.Unmarshal(b, &doc); err == nil {
+				got = doc.Endpoints
+				if slices.Equal(got, want) {
+					return
+				}
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	var doc struct {
-		Endpoints []string `json:"endpoints"`
-	}
-	if err := json.Unmarshal(b, &doc); err != nil {
-		t.Fatalf("state file %s: %v", b, err)
-	}
-	return doc.Endpoints
+	t.Fatalf("state file %s holds %v (error %v), want %v", path, got, err, want)
 }
 
 // TestDaemonFollowsRealAPIServers runs bin/extractedprism with discovery
@@ -94,9 +102,7 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		}
 		_, at = d.waitStatus(t, "ready", time.Minute, func(doc status.Document) bool { return doc.Ready })
 		env.record("daemon start -> ready: %s", at.Sub(d.start).Round(time.Millisecond))
-		if got := readState(t, state); !slices.Equal(got, []string{a.addr(), b.addr()}) {
-			t.Fatalf("state file holds %v", got)
-		}
+		waitState(t, state, []string{a.addr(), b.addr()})
 		out := env.mustKubectl(t, proxyAddr, "", "get", "namespaces", "-o", "name")
 		if !strings.Contains(out, "namespace/default") {
 			t.Fatalf("kubectl get namespaces through extractedprism: %q", out)
@@ -119,6 +125,7 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 			return ok && u.State == "up"
 		})
 		env.record("third apiserver: /status discovered -> probed up: %s", up.Sub(at).Round(time.Millisecond))
+		waitState(t, state, []string{a.addr(), b.addr(), c.addr()})
 	})
 
 	step("a SIGKILLed apiserver leaves when its lease expires, kubectl keeps working", func() {
@@ -134,9 +141,7 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		})
 		env.record("SIGKILL of an apiserver: kill -> left EndpointSlice %s (lease expiry); EndpointSlice -> /status %s",
 			gone.Sub(killed).Round(time.Millisecond), at.Sub(gone).Round(time.Millisecond))
-		if got := readState(t, state); slices.Contains(got, c.addr()) {
-			t.Fatalf("state file still holds the dead apiserver: %v", got)
-		}
+		waitState(t, state, []string{a.addr(), b.addr()})
 		total, failed := load.between(time0, time.Now())
 		env.record("SIGKILL of an apiserver: %d kubectl commands through extractedprism, %d failed", total, len(failed))
 		if len(failed) > 0 {
@@ -222,9 +227,7 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		// The last apiserver never removes itself from the EndpointSlice
 		// ("refusing to erase all endpoints"): it simply goes away.
 		b.p.kill()
-		if got := readState(t, state); !slices.Equal(got, []string{b.addr()}) {
-			t.Fatalf("state file holds %v, want only %s", got, b.addr())
-		}
+		waitState(t, state, []string{b.addr()})
 		if err := d.p.stop(time.Minute); err != nil {
 			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
 		}
