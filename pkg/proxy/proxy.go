@@ -357,12 +357,11 @@ func (s *Server) closeConns(match func(*conn) bool, reason string) int {
 	return len(victims)
 }
 
-func (s *Server) track(c *conn) bool {
+func (s *Server) track(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.conns[c] = struct{}{}
 	s.active.Add(1)
-	return true
 }
 
 func (s *Server) untrack(c *conn) {
