@@ -17,6 +17,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 )
 
 // errRelist asks the watch loop to list again at once (the watch's resource
@@ -63,7 +65,7 @@ func (m *Manager) watchLoop(ctx context.Context, out chan<- watchMsg) {
 		}
 	}
 	var client kubernetes.Interface
-	attempt := 0
+	attempt, early := 0, 0
 	for ctx.Err() == nil {
 		if client == nil {
 			c, closeIdle, err := m.newClient()
@@ -82,13 +84,22 @@ func (m *Manager) watchLoop(ctx context.Context, out chan<- watchMsg) {
 			client = c
 			defer closeIdle()
 		}
-		err := m.listAndWatch(ctx, client, send, &attempt)
+		err := m.listAndWatch(ctx, client, send, &attempt, &early)
 		if ctx.Err() != nil {
 			return
 		}
 		if errors.Is(err, errRelist) {
 			m.log.Info("discovery watch expired; listing again")
 			continue
+		}
+		if errors.Is(err, errClosedEarly) {
+			// List again at once; if that keeps happening, back off.
+			early++
+			if early < 2 {
+				m.log.Debug("discovery watch closed at once; listing again")
+				continue
+			}
+			err = fmt.Errorf("watch EndpointSlices in namespace %q: %w (%d times)", m.opts.Namespace, err, early)
 		}
 		if err != nil {
 			d := m.backoff.delay(attempt)
@@ -104,10 +115,59 @@ func (m *Manager) watchLoop(ctx context.Context, out chan<- watchMsg) {
 	}
 }
 
+// sliceAPI lists and watches the EndpointSlices of one namespace.
+type sliceAPI interface {
+	List(ctx context.Context, opts metav1.ListOptions) (*discoveryv1.EndpointSliceList, error)
+	Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error)
+}
+
+// restSlices is sliceAPI on the REST client, without client-go's own
+// retries (up to ten, a second apart, on connection errors): they would
+// hide a lost API for ten seconds per request and bypass the backoff here.
+type restSlices struct {
+	rc *rest.RESTClient
+	ns string
+}
+
+func (r restSlices) List(ctx context.Context, opts metav1.ListOptions) (*discoveryv1.EndpointSliceList, error) {
+	out := &discoveryv1.EndpointSliceList{}
+	err := r.rc.Get().Namespace(r.ns).Resource("endpointslices").
+		VersionedParams(&opts, scheme.ParameterCodec).MaxRetries(0).Do(ctx).Into(out)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (r restSlices) Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+	opts.Watch = true
+	req := r.rc.Get().Namespace(r.ns).Resource("endpointslices").
+		VersionedParams(&opts, scheme.ParameterCodec).MaxRetries(0)
+	if opts.TimeoutSeconds != nil {
+		req = req.Timeout(time.Duration(*opts.TimeoutSeconds) * time.Second)
+	}
+	return req.Watch(ctx)
+}
+
+// sliceClient returns the sliceAPI of client: the REST client when there is one
+// (a real clientset), else the typed client (a fake one in tests).
+func (m *Manager) sliceClient(client kubernetes.Interface) sliceAPI {
+	if rc, ok := client.DiscoveryV1().RESTClient().(*rest.RESTClient); ok && rc != nil {
+		return restSlices{rc: rc, ns: m.opts.Namespace}
+	}
+	return client.DiscoveryV1().EndpointSlices(m.opts.Namespace)
+}
+
+// errClosedEarly reports a watch that ended at once without any event: the
+// path to the apiserver is probably gone, so the loop lists again (which
+// tells why) instead of watching again.
+var errClosedEarly = errors.New("watch closed at once without events")
+
 // listAndWatch lists the slices, then watches from the list's resource
-// version until the watch fails. It resets *attempt after a good list.
-func (m *Manager) listAndWatch(ctx context.Context, client kubernetes.Interface, send func(watchMsg) bool, attempt *int) error {
-	api := client.DiscoveryV1().EndpointSlices(m.opts.Namespace)
+// version until the watch fails. It resets *attempt after a good list and
+// *early after a watch that delivered events or lasted.
+func (m *Manager) listAndWatch(ctx context.Context, client kubernetes.Interface, send func(watchMsg) bool, attempt, early *int) error {
+	api := m.sliceClient(client)
 	sel := m.labelSelector()
 	lctx, cancel := context.WithTimeout(ctx, listTimeout)
 	list, err := api.List(lctx, metav1.ListOptions{LabelSelector: sel})
@@ -124,7 +184,6 @@ func (m *Manager) listAndWatch(ctx context.Context, client kubernetes.Interface,
 	}
 	*attempt = 0
 	rv := list.ResourceVersion
-	quick := 0
 	for {
 		//nolint:gosec // spreading watch renewals needs no cryptographic randomness.
 		timeout := int64(300 + rand.IntN(300))
@@ -147,16 +206,10 @@ func (m *Manager) listAndWatch(ctx context.Context, client kubernetes.Interface,
 		if err != nil || ctx.Err() != nil {
 			return err
 		}
-		// A watch that ends at once without news, again and again, is an
-		// apiserver (or a path to it) in trouble: back off instead of spinning.
 		if events == 0 && time.Since(started) < time.Second {
-			quick++
-			if quick > 2 {
-				return fmt.Errorf("watch EndpointSlices in namespace %q: closed %d times without events", m.opts.Namespace, quick)
-			}
-		} else {
-			quick = 0
+			return errClosedEarly
 		}
+		*early = 0
 		m.log.Debug("discovery watch ended; watching again", "resource_version", rv)
 		if !send(watchMsg{kind: msgRestart}) {
 			return nil
