@@ -56,6 +56,11 @@ func TestDaemonBootstrapOnly(t *testing.T) {
 	b := env.startAPIServer(t, apiserverIPs[1])
 	env.waitReady(t, a, b)
 	env.applyRBAC(t, a.addr())
+	// Start once both apiservers are in the EndpointSlice (a fresh one can
+	// take a lease period to list itself).
+	env.pollSlice(t).waitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
+		return slices.Equal(s, []string{a.addr(), b.addr()})
+	})
 	kc, err := env.kubeconfig("discovery", "https://"+a.addr(), env.discToken)
 	if err != nil {
 		t.Fatal(err)

@@ -272,8 +272,9 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 			t.Fatal(err)
 		}
 		d = env.startDaemon(t, daemonArgs(kc, state)...)
-		doc, _ := d.waitStatus(t, "discovery failing", time.Minute, func(doc status.Document) bool {
-			return doc.Discovery.State == "error" && doc.Discovery.LastError != ""
+		// Let discovery fail for a while, so that it is in its backoff.
+		doc, _ := d.waitStatus(t, "discovery failing for 8s", time.Minute, func(doc status.Document) bool {
+			return doc.Discovery.State == "error" && doc.Discovery.LastError != "" && time.Since(d.start) > 8*time.Second
 		})
 		if len(doc.Upstreams) != 1 || doc.Upstreams[0].Address != a.addr() || doc.Upstreams[0].Source != "static" {
 			t.Fatalf("upstreams with the API down: %s", describe(doc))
@@ -289,7 +290,7 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 			if time.Since(started) > 3*time.Minute {
 				t.Fatalf("B not discovered within 3 minutes of the apiservers' start")
 			}
-			if back.IsZero() && (env.ready(a) || env.ready(b)) {
+			if back.IsZero() && (env.answers(a) || env.answers(b)) {
 				back = time.Now()
 			}
 			if doc, err := d.status(); err == nil && doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr()) {
@@ -301,7 +302,7 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 			back = at
 		}
 		env.waitReady(t, a, b)
-		env.record("API down at start: extractedprism ran %s without an API; first apiserver ready -> other apiserver discovered %s",
+		env.record("API down at start: extractedprism ran %s without an API; first HTTP answer of an apiserver -> other apiserver discovered %s",
 			started.Sub(d.start).Round(time.Millisecond), at.Sub(back).Round(time.Millisecond))
 		env.mustKubectl(t, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
 		if err := d.p.stop(time.Minute); err != nil {

@@ -470,6 +470,17 @@ func (e *environment) ready(a *apiserver) bool {
 	return resp.StatusCode == http.StatusOK
 }
 
+// answers reports whether the apiserver answers HTTPS requests at all (it
+// serves requests before /readyz passes).
+func (e *environment) answers(a *apiserver) bool {
+	resp, err := e.httpsClient().Get("https://" + a.addr() + "/readyz")
+	if err != nil {
+		return false
+	}
+	_ = resp.Body.Close()
+	return true
+}
+
 // waitReady waits for the apiservers to be ready and returns when the last
 // one became ready.
 func (e *environment) waitReady(t *testing.T, as ...*apiserver) time.Time {
