@@ -40,8 +40,9 @@ import (
 )
 
 // unreadyGrace is how long connections of an upstream that answers its
-// probe with "not ready" may go on before close_on_down closes them. A dead
-// or hung upstream's connections are closed at once.
+// probe with "not ready", refused a connect, or left the set may go on
+// before close_on_down closes them. A dead or hung upstream's connections
+// are closed at once.
 const unreadyGrace = 5 * time.Second
 
 // ListenFunc binds a TCP listener.
@@ -149,6 +150,16 @@ func Run(ctx context.Context, o Options) error {
 		OnRemove: func(u *upstream.Upstream) {
 			d.met.ForgetUpstream(u.Addr())
 			d.log.Info("upstream removed", "upstream", u.Addr(), "connections", u.Active())
+			d.mu.Lock()
+			closeOnDown := d.cfg.Proxy.CloseOnDown
+			d.mu.Unlock()
+			if closeOnDown && u.Active() > 0 && d.set.SourceOf(u) != string(discovery.SourceStatic) {
+				// Gone from the cluster: move its clients to the
+				// apiservers that stay, after the grace. (A static
+				// endpoint removed from the configuration keeps its
+				// connections: an operator's edit drops nothing.)
+				d.closeLater(u, u.Removed)
+			}
 		},
 	})
 	d.proxy = proxy.New(d.proxyOptions(cfg))
@@ -388,23 +399,40 @@ func (d *daemon) onTransition(t upstream.Transition) {
 	d.mu.Lock()
 	closeOnDown := d.cfg.Proxy.CloseOnDown
 	d.mu.Unlock()
-	if t.To == upstream.Down && t.Cause == upstream.CauseProbe && closeOnDown {
-		if errors.Is(t.Err, probe.ErrStatus) {
-			// It answers but is not ready (e.g. a terminating apiserver
-			// in its shutdown delay): no new connections go there, and
-			// requests in flight get unreadyGrace to finish before the
-			// rest (watches) is closed.
-			u := t.Upstream
-			time.AfterFunc(unreadyGrace, func() {
-				if d.set.StateOf(u) == upstream.Down {
-					d.proxy.UpstreamDown(u)
-				}
+	if t.To == upstream.Down && closeOnDown {
+		u := t.Upstream
+		switch {
+		case t.Cause == upstream.CauseProbe && !errors.Is(t.Err, probe.ErrStatus):
+			// Dead or hung: nothing on it will complete.
+			d.proxy.UpstreamDown(u)
+		case t.Cause == upstream.CauseProbe:
+			// It answers "not ready" (a terminating apiserver in its
+			// shutdown delay): no new connections go there, requests in
+			// flight get unreadyGrace, then the rest (watches) is closed
+			// unless it came back.
+			d.closeLater(u, func() bool { return d.set.StateOf(u) == upstream.Down })
+		default:
+			// A connect failed (its listener closed, or a lost SYN):
+			// after the grace, close only if a probe since then failed
+			// too, so a transient failure cuts nothing.
+			since := time.Now()
+			d.closeLater(u, func() bool {
+				st, ok := d.set.ProbeResult(u)
+				return d.set.StateOf(u) == upstream.Down && st.After(since) && !ok
 			})
-		} else {
-			d.proxy.UpstreamDown(t.Upstream)
 		}
 	}
 	d.updateStatusLine()
+}
+
+// closeLater closes u's connections after unreadyGrace if still() holds
+// then.
+func (d *daemon) closeLater(u *upstream.Upstream, still func() bool) {
+	time.AfterFunc(unreadyGrace, func() {
+		if still() {
+			d.proxy.UpstreamDown(u)
+		}
+	})
 }
 
 // adminHost returns the host the admin server of cfg binds.

@@ -412,6 +412,22 @@ func (s *Set) transition(u *Upstream, to State, cause Cause, reason string, now 
 	return tr
 }
 
+// SourceOf returns where u's address was learnt from (its last source if
+// u has left the set).
+func (s *Set) SourceOf(u *Upstream) string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return u.source
+}
+
+// ProbeResult returns when u was last probed and whether that probe
+// succeeded.
+func (s *Set) ProbeResult(u *Upstream) (at time.Time, ok bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return u.lastProbe, u.lastProbeOK
+}
+
 // StateOf returns u's current state (Unknown once u left the set).
 func (s *Set) StateOf(u *Upstream) State {
 	s.mu.RLock()
