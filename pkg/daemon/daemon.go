@@ -138,12 +138,7 @@ func Run(ctx context.Context, o Options) error {
 		Rise: cfg.Probe.Rise, Fall: cfg.Probe.Fall, Strategy: strategy,
 		OnTransition: d.onTransition,
 		OnAdd: func(u *upstream.Upstream) {
-			src := ""
-			for _, st := range d.set.Snapshot() {
-				if st.Address == u.Addr() {
-					src = st.Source
-				}
-			}
+			src := d.set.SourceOf(u)
 			u.Attachment.Store(d.met.Upstream(u.Addr(), src))
 			d.log.Info("upstream added", "upstream", u.Addr(), "source", src)
 		},
