@@ -61,15 +61,14 @@ func (pr *prober) setTargets(addrs []string) {
 	pr.p.SetTargets(addrs)
 }
 
-// restart stops the running prober and starts one with o; upstream state
-// stays in the Set, so nothing flaps.
-func (pr *prober) restart(o probe.Options, targets []string) {
+// restart stops the running prober and starts one with o on the same
+// targets; upstream state stays in the Set, so nothing flaps.
+func (pr *prober) restart(o probe.Options) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	pr.r.stop()
 	pr.p = probe.New(o)
-	pr.p.SetTargets(targets)
-	pr.targets = targets
+	pr.p.SetTargets(pr.targets)
 	pr.r = startRunner(pr.g, pr.parent, pr.p.Run)
 }
 

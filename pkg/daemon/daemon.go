@@ -99,7 +99,8 @@ type daemon struct {
 	prober      *prober
 	discRunner  *runner
 	shutting    atomic.Bool
-	firstList   chan struct{} // closed at the first endpoint list
+	statusLine  atomic.Pointer[string] // last STATUS= sent to systemd
+	firstList   chan struct{}          // closed at the first endpoint list
 	firstOnce   sync.Once
 	lastProbeAt atomic.Int64
 	group       *errgroup.Group
@@ -540,18 +541,16 @@ func (d *daemon) readyNotifier(ctx context.Context) {
 	}
 }
 
-var lastStatusLine atomic.Pointer[string]
-
 func (d *daemon) updateStatusLine() {
 	up, _, total := d.set.Counts()
 	line := fmt.Sprintf("%d/%d upstreams healthy, %d connections", up, total, d.proxy.Active())
 	if !d.reloadStatusOK() {
 		line += "; last config reload failed"
 	}
-	if p := lastStatusLine.Load(); p != nil && *p == line {
+	if p := d.statusLine.Load(); p != nil && *p == line {
 		return
 	}
-	lastStatusLine.Store(&line)
+	d.statusLine.Store(&line)
 	_ = d.notify.Status(line)
 }
 
@@ -705,7 +704,7 @@ func (d *daemon) apply(next config.Config) {
 	d.set.SetThresholds(next.Probe.Rise, next.Probe.Fall, strategy)
 	d.proxy.SetOptions(d.proxyOptions(next))
 	if !reflect.DeepEqual(next.Probe, prev.Probe) {
-		d.prober.restart(d.proberOptions(next), d.set.Addresses())
+		d.prober.restart(d.proberOptions(next))
 		d.log.Info("probe settings changed; prober restarted", "mode", next.Probe.Mode, "interval", next.Probe.Interval)
 	}
 	discChanged := !reflect.DeepEqual(next.Discovery, prev.Discovery) ||

@@ -133,11 +133,10 @@ type Server struct {
 	// rlog logs bursts of identical failures once per window with a count.
 	rlog *ratelog.Limiter
 
-	active     atomic.Int64
-	acceptErr  atomic.Pointer[acceptFailure]
-	loopDied   atomic.Bool
-	wg         sync.WaitGroup // accept loops and connection handlers
-	runStarted atomic.Bool
+	active    atomic.Int64
+	acceptErr atomic.Pointer[acceptFailure]
+	loopDied  atomic.Bool
+	wg        sync.WaitGroup // accept loops and connection handlers
 }
 
 // acceptFailure is the last accept error and when it happened.
@@ -242,7 +241,6 @@ func (s *Server) Active() int64 { return s.active.Load() }
 // close, established connections get DrainTimeout to finish and are then
 // cut. Run returns after every goroutine the Server started has ended.
 func (s *Server) Run(ctx context.Context) error {
-	s.runStarted.Store(true)
 	rbCtx, rbCancel := context.WithCancel(context.Background())
 	rbDone := make(chan struct{}, 2)
 	go func() {
@@ -500,8 +498,8 @@ func (s *Server) handle(client net.Conn) {
 	defer func() { _ = client.Close() }()
 	tuneConn(client, o)
 
-	var tried map[*upstream.Upstream]bool
-	up, u, err := s.dialNext(o, &tried)
+	tried := make(map[*upstream.Upstream]bool, 4)
+	up, u, err := s.dialNext(o, tried)
 	if err != nil {
 		o.Observer.NoUpstream()
 		s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable", "reason", err)
@@ -531,20 +529,18 @@ var errNoUpstream = errors.New("no upstream reachable")
 
 // dialNext dials upstreams not tried yet, healthy ones first, until one
 // answers. Each failure marks that upstream down at once.
-func (s *Server) dialNext(o *Options, tried *map[*upstream.Upstream]bool) (net.Conn, *upstream.Upstream, error) {
-	if *tried == nil {
-		*tried = make(map[*upstream.Upstream]bool, 4)
-	}
+// tried collects every upstream attempted for this client connection.
+func (s *Server) dialNext(o *Options, tried map[*upstream.Upstream]bool) (net.Conn, *upstream.Upstream, error) {
 	var errs []error
 	for {
-		u := s.set.Pick(func(x *upstream.Upstream) bool { return (*tried)[x] })
+		u := s.set.Pick(func(x *upstream.Upstream) bool { return tried[x] })
 		if u == nil {
 			if len(errs) == 0 {
 				return nil, nil, fmt.Errorf("%w: no upstream configured or all tried", errNoUpstream)
 			}
 			return nil, nil, fmt.Errorf("%w: %w", errNoUpstream, errors.Join(errs...))
 		}
-		(*tried)[u] = true
+		tried[u] = true
 		ctx, cancel := context.WithTimeout(context.Background(), o.DialTimeout)
 		start := o.Now()
 		up, err := o.Dial(ctx, "tcp", u.Addr())

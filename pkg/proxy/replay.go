@@ -240,7 +240,7 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 		}
 		_ = up.Close()
 		failedOverBefore := len(tried) > 1
-		next, nu, derr := ss.s.dialNext(ss.o, &tried)
+		next, nu, derr := ss.s.dialNext(ss.o, tried)
 		if derr != nil {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
