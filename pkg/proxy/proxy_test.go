@@ -476,6 +476,13 @@ func TestStopListenerKeepsConnections(t *testing.T) {
 	h := startProxy(t, Options{}, []string{b.addr()}, b.addr())
 	c := h.dial(t)
 	defer func() { _ = c.Close() }()
+	// A round trip first: the proxy has accepted c (a connect still
+	// queued on a listener that closes is reset by the kernel).
+	_, _ = c.Write([]byte("r"))
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
 	ln2, err := Listen(context.Background(), "127.0.0.1:0", true)
 	if err != nil {
 		t.Fatal(err)
@@ -533,6 +540,8 @@ func TestRebalanceSpreadsAfterRecovery(t *testing.T) {
 	}
 	ua, ub, uc := h.set.Lookup(a.addr()), h.set.Lookup(b.addr()), h.set.Lookup(c.addr())
 	waitFor(t, "30 connections on a and b", 20*time.Second, func() bool { return ua.Active()+ub.Active() == 30 })
+	// Closes needed to bring every upstream within the tolerance (12).
+	needed := int32(max(0, ua.Active()-12) + max(0, ub.Active()-12))
 	start := time.Now()
 	h.set.Report(c.addr(), true, 0, nil)
 	h.set.Report(c.addr(), true, 0, nil)
@@ -542,8 +551,10 @@ func TestRebalanceSpreadsAfterRecovery(t *testing.T) {
 		return na+nb+nc == 30 && max(na, nb, nc) <= 12 && nc >= 6
 	})
 	n := rebalanced.Load()
-	if n < 6 || n > 12 {
-		t.Fatalf("rebalanced %d connections, want the 6 to 10 needed to reach the tolerance", n)
+	// A reconnect racing a close on a loaded machine may cost a few more
+	// than needed, never many.
+	if n < needed || n > needed+4 {
+		t.Fatalf("rebalanced %d connections, want about the %d needed to reach the tolerance", n, needed)
 	}
 	if limit := int32(time.Since(start)/(20*time.Millisecond)) + 1; n > limit {
 		t.Fatalf("rebalanced %d connections in %s: more than one per period", n, time.Since(start))

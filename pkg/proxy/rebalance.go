@@ -90,7 +90,15 @@ func (s *Server) rebalanceOnce(o *Options, now time.Time, closedLastMinute int) 
 	total := 0
 	s.mu.Lock()
 	for c := range s.conns {
-		if l := loads[c.upstream()]; l != nil {
+		if c.killReason() != "" {
+			continue // already closing: its client is about to move
+		}
+		u := c.upstream()
+		if u == nil {
+			total++ // still connecting: it counts towards the fair share
+			continue
+		}
+		if l := loads[u]; l != nil {
 			l.n++
 			l.conns = append(l.conns, c)
 			total++
