@@ -83,8 +83,9 @@ type Options struct {
 	// Replay enables handshake replay before the first upstream byte.
 	Replay bool
 	// FirstByteTimeout is how long an upstream may stay silent after the
-	// client's first bytes before the handshake is replayed to another Up
-	// upstream, if there is one (0 = no limit). Only used with Replay.
+	// client's first bytes before the handshake is replayed to another
+	// upstream that is up and answers its probes, if there is one (0 = no
+	// limit). Only used with Replay.
 	FirstByteTimeout time.Duration
 	// ReplayBufferBytes bounds the kept handshake (default 16 KiB).
 	ReplayBufferBytes int
@@ -673,12 +674,13 @@ func (s *Server) handle(c *conn) {
 var errNoUpstream = errors.New("no upstream reachable")
 
 // dialNext dials upstreams not tried yet for c, healthy ones first (only
-// Up ones with upOnly), until one answers. Each failure is reported to the
+// answering ones, see Set.PickAnswering, with answering), until one
+// answers. Each failure is reported to the
 // set as a passive failure. tried collects every upstream attempted for
 // this client connection. The upstream returned has its place in Active
 // reserved (Pick) and its connection counted (Opened); the caller gives
 // the place back with Release.
-func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool, upOnly bool) (net.Conn, *upstream.Upstream, error) {
+func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool, answering bool) (net.Conn, *upstream.Upstream, error) {
 	var errs []error
 	exclude := func(x *upstream.Upstream) bool { return tried[x] }
 	for {
@@ -686,8 +688,8 @@ func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool
 			return nil, nil, fmt.Errorf("%w: the connection was closed", errNoUpstream)
 		}
 		var u *upstream.Upstream
-		if upOnly {
-			u = s.set.PickUp(exclude)
+		if answering {
+			u = s.set.PickAnswering(exclude)
 		} else {
 			u = s.set.Pick(exclude)
 		}

@@ -22,9 +22,9 @@ import (
 // upstream set as a passive one, the next upstream is dialled and the kept
 // bytes are sent again: the client sees a short delay instead of an error.
 // Silence for FirstByteTimeout after the client's first bytes is reported
-// the same way, but the handshake moves only to another Up upstream: when
-// there is none, every apiserver is slow, and the connection keeps waiting
-// for the one it has.
+// the same way, but the handshake moves only to an upstream that is up and
+// answered its last probe: when there is none, every apiserver is slow,
+// and the connection keeps waiting for the one it has.
 //
 // An upstream that closes a connection on which the client has sent
 // nothing is not failing: it is an apiserver timing out an idle client
@@ -257,8 +257,8 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 		failedOverBefore := len(tried) > 1
 		next, nu, derr := ss.s.dialNext(ss.o, ss.c, tried, timedOut)
 		if derr != nil && timedOut && ss.c.killReason() == "" {
-			// No other Up upstream: all are slow. Keep waiting for this
-			// one, without a deadline now.
+			// No other upstream is up and answering: all are slow. Keep
+			// waiting for this one, without a deadline now.
 			ss.fbExpired = nil
 			_ = up.SetReadDeadline(time.Time{})
 			ss.mu.Unlock()

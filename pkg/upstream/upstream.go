@@ -343,9 +343,14 @@ func (s *Set) Pick(exclude func(*Upstream) bool) *Upstream {
 	return s.pick(exclude, false)
 }
 
-// PickUp is Pick restricted to Up upstreams.
-func (s *Set) PickUp(exclude func(*Upstream) bool) *Upstream {
-	return s.pick(exclude, true)
+// PickAnswering is Pick restricted to Up upstreams that answered their
+// last probe and are not suspect: where a connection that waited in vain
+// for a slow upstream may move. When none qualifies, every upstream is
+// slow, and moving only starts the wait again.
+func (s *Set) PickAnswering(exclude func(*Upstream) bool) *Upstream {
+	return s.pick(func(u *Upstream) bool {
+		return !u.lastProbeOK || (exclude != nil && exclude(u))
+	}, true)
 }
 
 func (s *Set) pick(exclude func(*Upstream) bool, upOnly bool) *Upstream {
@@ -366,6 +371,9 @@ func (s *Set) choose(exclude func(*Upstream) bool, upOnly bool) *Upstream {
 	}
 	start := int(s.rr.Add(1) % uint64(n))
 	for _, suspect := range []bool{false, true} {
+		if suspect && upOnly {
+			break
+		}
 		var best *Upstream
 		var bestActive int64
 		for i := range n {

@@ -410,3 +410,23 @@ func BenchmarkPick(b *testing.B) {
 		}
 	})
 }
+
+func TestPickAnsweringSkipsSlowAndSuspect(t *testing.T) {
+	s := NewSet(Options{Fall: 2})
+	s.Reconcile(eps("a:1", "b:1", "c:1"))
+	for _, a := range []string{"a:1", "b:1", "c:1"} {
+		s.Report(a, true, 0, nil)
+	}
+	s.Report("a:1", false, 0, errTimeout) // slow: still up, last probe failed
+	s.Passive(s.Lookup("b:1"), "reset")   // suspect
+	for range 5 {
+		u := s.PickAnswering(nil)
+		if u == nil || u.Addr() != "c:1" {
+			t.Fatalf("PickAnswering = %v, want c:1, the only up upstream that answers", u)
+		}
+		u.Release()
+	}
+	if u := s.PickAnswering(func(u *Upstream) bool { return u.Addr() == "c:1" }); u != nil {
+		t.Fatalf("PickAnswering = %s, want none: the others are slow or suspect", u.Addr())
+	}
+}
