@@ -123,14 +123,7 @@ func TestCloseUpstreamSpreadsItsCloses(t *testing.T) {
 	var mu sync.Mutex
 	var closedAt []time.Time
 	var wg sync.WaitGroup
-	for range n {
-		c := h.dial(t)
-		_, _ = c.Write([]byte("p"))
-		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetReadDeadline(time.Time{})
+	for _, c := range h.dialEchoed(t, n) {
 		wg.Go(func() {
 			defer func() { _ = c.Close() }()
 			_, _ = c.Read(make([]byte, 1))
@@ -162,17 +155,7 @@ func TestCloseUpstreamSpreadsItsCloses(t *testing.T) {
 func TestCloseUpstreamStopsWhenNotStill(t *testing.T) {
 	a := startBackend(t, "tcp", "127.0.0.1:0", echo)
 	h := startProxy(t, Options{}, []string{a.addr()}, a.addr())
-	var conns []*net.TCPConn
-	for range 10 {
-		c := h.dial(t)
-		defer func() { _ = c.Close() }()
-		_, _ = c.Write([]byte("p"))
-		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
-	}
+	conns := h.dialEchoed(t, 10)
 	var asked atomic.Int32
 	closed, complete := h.srv.CloseUpstream(context.Background(), h.set.Lookup(a.addr()), 0,
 		func() bool { return asked.Add(1) <= 4 }) // the first ask is before any close

@@ -169,6 +169,25 @@ func startProxy(t *testing.T, o Options, addrs []string, up ...string) *harness 
 	return h
 }
 
+// dialEchoed opens n connections through an echoing upstream, each proven
+// by a round trip; they are closed when the test ends.
+func (h *harness) dialEchoed(t *testing.T, n int) []*net.TCPConn {
+	t.Helper()
+	out := make([]*net.TCPConn, n)
+	for i := range out {
+		c := h.dial(t)
+		t.Cleanup(func() { _ = c.Close() })
+		_, _ = c.Write([]byte("p"))
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Time{})
+		out[i] = c
+	}
+	return out
+}
+
 func (h *harness) dial(t *testing.T) *net.TCPConn {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", h.ln.Addr().String(), 5*time.Second)
@@ -417,17 +436,7 @@ func TestCloseUpstreamClosesOnlyItsConnections(t *testing.T) {
 	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
 	var closed atomic.Int32
 	h := startProxy(t, Options{Observer: countClosedOnDown{n: &closed}}, []string{a.addr(), b.addr()}, a.addr(), b.addr())
-	var conns []*net.TCPConn
-	for range 4 {
-		c := h.dial(t)
-		defer func() { _ = c.Close() }()
-		_, _ = c.Write([]byte("p"))
-		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
-	}
+	conns := h.dialEchoed(t, 4)
 	ua := h.set.Lookup(a.addr())
 	if ua.Active() != 2 {
 		t.Fatalf("a has %d connections, want 2 of 4 (round-robin)", ua.Active())

@@ -4,7 +4,6 @@ package integration
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"slices"
@@ -106,10 +105,7 @@ func sinceByAddr(t *testing.T, d *daemonProc) map[string]time.Time {
 // kube-apiserver's is 32 s). The upstreams close them; nothing may be
 // marked down and /readyz must answer 200 throughout.
 func TestSilentClientsMarkNothingDown(t *testing.T) {
-	var ss []*standinProc
-	for i := range 3 {
-		ss = append(ss, startStandin(t, string(rune('a'+i)), loopback(freePort(t)), "--handshake-timeout", "2s"))
-	}
+	ss := startStandins(t, 3, "--handshake-timeout", "2s")
 	d := startDaemon(t, addrsOf(ss))
 	d.waitReady(t)
 	d.waitAllUp(t, addrsOf(ss))
@@ -264,10 +260,7 @@ func TestHungUpstreamClosesSpread(t *testing.T) {
 // listener and lets requests in flight finish) refuses connects; the
 // balancer must not cut the connections that ride on it.
 func TestDeadOrStoppingUpstreamConnectionsNotCut(t *testing.T) {
-	var ss []*standinProc
-	for i := range 3 {
-		ss = append(ss, startStandin(t, string(rune('a'+i)), loopback(freePort(t)), "--shutdown-timeout", "4s"))
-	}
+	ss := startStandins(t, 3, "--shutdown-timeout", "4s")
 	d := startDaemon(t, addrsOf(ss))
 	d.waitReady(t)
 	d.waitAllUp(t, addrsOf(ss))
@@ -306,18 +299,7 @@ func (s *standinProc) setSlow(t testing.TB, d time.Duration) {
 	if d > 0 {
 		path = "/control/slow?delay=" + d.String()
 	}
-	tr := &http.Transport{TLSClientConfig: insecureTLS(""), DisableKeepAlives: true}
-	defer tr.CloseIdleConnections()
-	c := &http.Client{Transport: tr, Timeout: waitTimeout}
-	resp, err := c.Post("https://"+s.addr+path, "text/plain", nil)
-	if err != nil {
-		t.Fatalf("POST %s on standin %s: %v", path, s.name, err)
-	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("POST %s on standin %s: %s", path, s.name, resp.Status)
-	}
+	s.control(t, path)
 }
 
 // TestAllSlowMarksNoneDown: every apiserver answers 6 s late (overloaded),
