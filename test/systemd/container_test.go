@@ -17,7 +17,7 @@ import (
 )
 
 // rootfsPackages are installed into the cached container root. procps gives
-// /bin/kill, which the package depends on; apt would fetch it otherwise.
+// kill and pgrep, which the tests run inside the container.
 const rootfsPackages = "systemd,systemd-sysv,dbus,procps"
 
 // ensureRootfs returns a Debian bookworm root with systemd, building it with
