@@ -19,7 +19,8 @@ RELEASE_ARCHES ?= amd64 arm64
 # File times in every archive and package: the commit time.
 RELEASE_EPOCH  ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 RELEASE_ENV     = VERSION='$(VERSION)' COMMIT='$(COMMIT)' EPOCH='$(RELEASE_EPOCH)' ARCHES='$(RELEASE_ARCHES)' \
-                  RELEASE_DIR='$(RELEASE_DIR)' REPO_DIR='$(REPO_DIR)' BIN='$(BIN)' GO='$(GO)'
+                  RELEASE_DIR='$(RELEASE_DIR)' REPO_DIR='$(REPO_DIR)' BIN='$(BIN)' GO='$(GO)' \
+                  RELEASE_ALLOW_DIRTY='$(RELEASE_ALLOW_DIRTY)'
 
 # release-test: a throwaway key, releases VERSION and VERSION+1 (the latter
 # for the host architecture only, to test the upgrade), everything under

@@ -14,6 +14,7 @@
 # BIN          the tools: nfpm, helm, cyclonedx-gomod, image-builder
 # RELEASE_GPG_KEY_FILE         ASCII-armoured secret signing key
 # RELEASE_GPG_PASSPHRASE_FILE  its passphrase (one line)
+# RELEASE_ALLOW_DIRTY=1        build from a tree with uncommitted changes (a trial)
 #
 # Nothing in a release depends on the time or the path it was built at:
 # two builds of the same commit and VERSION give identical files, except
@@ -81,6 +82,9 @@ deterministic_tgz() {
 
 build() {
 	need_tools
+	if [[ ${RELEASE_ALLOW_DIRTY:-} != 1 ]] && [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+		die "the working tree has uncommitted changes, which the release would carry under commit $COMMIT: commit them (or set RELEASE_ALLOW_DIRTY=1 for a trial build)"
+	fi
 	gpg_setup
 	local out=$RELEASE_DIR/$VERSION work=$RELEASE_DIR/.work/$VERSION
 	rm -rf "$out" "$work"
@@ -91,7 +95,10 @@ build() {
 		step "binary linux/$arch"
 		local dir=$work/$NAME-$VERSION-linux-$arch
 		mkdir -p "$dir"
-		CGO_ENABLED=0 GOOS=linux GOARCH=$arch GOFLAGS=-mod=readonly $GO build -trimpath -ldflags "$ldflags" \
+		# -buildvcs=false: VERSION and COMMIT are stamped explicitly, and the
+		# VCS fields Go would add depend on the kind of checkout (a git
+		# worktree gets none), not on the source.
+		CGO_ENABLED=0 GOOS=linux GOARCH=$arch GOFLAGS=-mod=readonly $GO build -trimpath -buildvcs=false -ldflags "$ldflags" \
 			-o "$dir/$NAME" ./cmd/extractedprism
 		cp LICENSE README.md "$dir/"
 		chmod 0755 "$dir/$NAME"
