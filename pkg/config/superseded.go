@@ -35,14 +35,6 @@ var supersededSpecs = []supersededSpec{
 	},
 }
 
-var supersededByEnv = func() map[string]supersededSpec {
-	m := map[string]supersededSpec{}
-	for _, s := range supersededSpecs {
-		m[EnvName(s.Name)] = s
-	}
-	return m
-}()
-
 // registerSuperseded adds the superseded flags to fs.
 func registerSuperseded(fs *pflag.FlagSet) {
 	for _, s := range supersededSpecs {

@@ -140,9 +140,9 @@ func TestReleaseRepositories(t *testing.T) {
 		updateFail bool
 		want       string
 	}{
-		{"Packages changed after signing", "packages", true, "File has unexpected size"},
+		{"Packages changed after signing", "packages", true, "Hash Sum mismatch"},
 		{"package file changed after signing", "deb", false, "Hash Sum mismatch"},
-		{"repository without signature", "unsigned", true, "does not have a Release file"},
+		{"repository without signature", "unsigned", true, "is not signed"},
 	}
 	for _, r := range refused {
 		step(t, "apt from a repository with its %s", r.name)
