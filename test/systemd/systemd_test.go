@@ -267,11 +267,13 @@ func TestPackageUnderSystemd(t *testing.T) {
 		}
 	}
 
-	step(t, "configure (upstreams a, b; proxy %s, admin %s) and systemctl enable --now", e.proxy, e.admin)
-	c.writeFile("/etc/extractedprism/config.yaml", e.config(a, b))
 	c.writeFile("/etc/systemd/system/extractedprism.socket.d/ports.conf", fmt.Sprintf(
 		"[Socket]\nListenStream=\nListenStream=%s\nListenStream=%s\n", e.proxy, e.admin))
 	c.must("systemctl", "daemon-reload")
+	checkUnconfiguredStart(t, c)
+
+	step(t, "configure (upstreams a, b; proxy %s, admin %s) and systemctl enable --now", e.proxy, e.admin)
+	c.writeFile("/etc/extractedprism/config.yaml", e.config(a, b))
 	start := time.Now()
 	c.must("systemctl", "enable", "--now", "extractedprism.service")
 	t.Logf("systemctl enable --now returned after %v", time.Since(start).Round(time.Millisecond))
@@ -538,4 +540,41 @@ func openStream(t *testing.T, proxy string) (<-chan time.Time, func()) {
 		_ = conn.Close()
 		<-done
 	}
+}
+
+// checkUnconfiguredStart starts the service with the configuration the
+// package ships (no endpoints), as a boot before the node is configured
+// would: the daemon exits with status 78, which RestartPreventExitStatus=
+// lists, so systemd does not restart it every second, and the journal says
+// in one line what to edit.
+func checkUnconfiguredStart(t *testing.T, c *container) {
+	t.Helper()
+	step(t, "systemctl start with the shipped configuration (no endpoints)")
+	if out, err := c.exec(time.Minute, "systemctl", "start", "extractedprism.service"); err == nil {
+		t.Fatalf("systemctl start of the unconfigured service succeeded (%s); want it to fail", out)
+	}
+	props := []string{"ActiveState", "Result", "ExecMainStatus", "NRestarts"}
+	p := c.show("extractedprism.service", props...)
+	if p["ActiveState"] != "failed" || p["Result"] != "exit-code" || p["ExecMainStatus"] != "78" || p["NRestarts"] != "0" {
+		t.Fatalf("unconfigured service %v; want failed with exit status 78 and no restart", p)
+	}
+	// With Restart=always and RestartSec=1s a restart loop would have
+	// restarted it several times within 5 s: watch that long.
+	until := time.Now().Add(5 * time.Second)
+	if err := waitFor(10*time.Second, func() bool {
+		q := c.show("extractedprism.service", props...)
+		if q["NRestarts"] != "0" || q["ActiveState"] != "failed" {
+			t.Fatalf("unconfigured service restarted: %v", q)
+		}
+		return time.Now().After(until)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	const line = "extractedprism: not configured: /etc/extractedprism/config.yaml names no API server: edit it and set endpoints"
+	j := c.journal("extractedprism.service")
+	if n := strings.Count(j, line); n != 1 {
+		t.Fatalf("journal has %d lines %q, want one:\n%s", n, line, tail(j, 30))
+	}
+	t.Logf("RESULT unconfigured start: %v, journal: %s", p, line)
+	c.must("systemctl", "reset-failed", "extractedprism.service")
 }
