@@ -307,8 +307,11 @@ func (s *Server) Run(ctx context.Context) error {
 //     a lone process, systemd's restart, where the successor starts only
 //     after this process exits): the listeners stay open and new
 //     connections are served until the process is idle, a successor
-//     appears, or DrainTimeout passes. Refusing them for the whole drain
-//     would stall every client of the node for that long.
+//     appears, or shortly before DrainTimeout passes (lastCall: a
+//     connection accepted at the last moment would only be cut; under
+//     systemd the connects that come then wait in the shared socket for the
+//     next process). Refusing them for the whole drain would stall every
+//     client of the node for that long.
 func (s *Server) drain() {
 	o := s.opts.Load()
 	s.mu.Lock()
@@ -331,6 +334,8 @@ func (s *Server) drain() {
 	}
 	deadline := time.NewTimer(o.DrainTimeout)
 	defer deadline.Stop()
+	last := time.NewTimer(o.DrainTimeout - min(lastCall, o.DrainTimeout/4))
+	defer last.Stop()
 	check := time.NewTicker(successorCheck)
 	defer check.Stop()
 	for {
@@ -349,6 +354,11 @@ func (s *Server) drain() {
 				accepting = false
 				o.Logger.Info("a successor serves the port now: new connections go there")
 			}
+		case <-last.C:
+			if accepting {
+				s.stopAccepting()
+				accepting = false
+			}
 		case <-deadline.C:
 			s.stopAccepting()
 			s.cutAll(o)
@@ -357,8 +367,13 @@ func (s *Server) drain() {
 	}
 }
 
-// successorCheck is how often a draining Server looks for a successor.
-const successorCheck = 250 * time.Millisecond
+// successorCheck is how often a draining Server looks for a successor;
+// lastCall is how long before the end of the drain it stops accepting (at
+// most a quarter of the drain).
+const (
+	successorCheck = 250 * time.Millisecond
+	lastCall       = 500 * time.Millisecond
+)
 
 // successorServes reports whether another listening socket serves the port
 // of one of the Server's listeners.

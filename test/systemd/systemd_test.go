@@ -381,6 +381,11 @@ func TestPackageUnderSystemd(t *testing.T) {
 		if res.Refused != 0 || res.Other != 0 {
 			t.Errorf("%s: %d connects refused and %d other failures; want none: %v", what, res.Refused, res.Other, res)
 		}
+		// The old process serves new connections while it drains: none
+		// waits for the drain.
+		if res.MaxLatency > time.Second {
+			t.Errorf("%s: the slowest new request took %v; want at most 1s", what, res.MaxLatency.Round(time.Millisecond))
+		}
 		return res
 	}
 
@@ -393,7 +398,11 @@ func TestPackageUnderSystemd(t *testing.T) {
 	underLoad("systemctl restart with an open stream", func() { c.must("systemctl", "restart", "extractedprism.service") })
 	select {
 	case end := <-streamEnded:
-		t.Logf("RESULT the open stream was cut %v after the restart began", end.Sub(restartAt).Round(time.Millisecond))
+		lived := end.Sub(restartAt)
+		t.Logf("RESULT the open stream was cut %v after the restart began", lived.Round(time.Millisecond))
+		if lived < 9*time.Second {
+			t.Errorf("the open stream was cut %v after the restart began; want it to flow until the 10s drain_timeout", lived.Round(time.Millisecond))
+		}
 	case <-time.After(time.Minute):
 		t.Errorf("the stream opened before the restart is still flowing a minute later")
 	}
