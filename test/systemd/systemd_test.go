@@ -354,7 +354,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatalf("config.last_reload_ok not back to true after a good config: %v", err)
 	}
 
-	underLoad := func(what string, action func()) loadResult {
+	underLoad := func(what string, replaces bool, action func()) loadResult {
 		t.Helper()
 		l := startLoad(e.proxy, 4)
 		if err := l.waitOK(40, 60*time.Second); err != nil {
@@ -374,8 +374,10 @@ func TestPackageUnderSystemd(t *testing.T) {
 		if err != nil {
 			t.Fatalf("client loop after %s: %v: %v", what, err, res)
 		}
-		if after := e.mainPID(); after == before {
+		if after := e.mainPID(); replaces && after == before {
 			t.Errorf("%s did not replace the process (main pid still %s)", what, before)
+		} else if !replaces && after != before {
+			t.Errorf("%s replaced the process (main pid %s -> %s); want it kept", what, before, after)
 		}
 		t.Logf("RESULT %s (took %v): %v", what, took.Round(time.Millisecond), res)
 		if res.Refused != 0 || res.Other != 0 {
@@ -389,13 +391,23 @@ func TestPackageUnderSystemd(t *testing.T) {
 		return res
 	}
 
+	step(t, "systemctl reload under a client loop, with a long-lived stream open")
+	reloadStream, closeReloadStream := openStream(t, e.proxy)
+	underLoad("systemctl reload", false, func() { c.must("systemctl", "reload", "extractedprism.service") })
+	select {
+	case <-reloadStream:
+		t.Errorf("systemctl reload cut the open stream; a reload keeps every connection")
+	default:
+	}
+	closeReloadStream()
+
 	step(t, "systemctl restart under a client loop")
-	underLoad("systemctl restart", func() { c.must("systemctl", "restart", "extractedprism.service") })
+	underLoad("systemctl restart", true, func() { c.must("systemctl", "restart", "extractedprism.service") })
 
 	step(t, "systemctl restart under a client loop, with a long-lived stream open (drain_timeout 10s)")
 	streamEnded, closeStream := openStream(t, e.proxy)
 	restartAt := time.Now()
-	underLoad("systemctl restart with an open stream", func() { c.must("systemctl", "restart", "extractedprism.service") })
+	underLoad("systemctl restart with an open stream", true, func() { c.must("systemctl", "restart", "extractedprism.service") })
 	select {
 	case end := <-streamEnded:
 		lived := end.Sub(restartAt)
@@ -411,7 +423,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 	step(t, "upgrade to %s under a client loop", upVersion)
 	sock := c.show("extractedprism.socket", "ActiveEnterTimestampMonotonic")
 	confBefore := c.must("cat", "/etc/extractedprism/config.yaml")
-	underLoad("package upgrade", func() { c.must("apt-get", "install", "-y", "-q", "/pkgs/upgrade/"+filepath.Base(upDeb)) })
+	underLoad("package upgrade", true, func() { c.must("apt-get", "install", "-y", "-q", "/pkgs/upgrade/"+filepath.Base(upDeb)) })
 	if got := strings.TrimSpace(c.must("dpkg-query", "-W", "-f", "${Version}", "extractedprism")); got != upVersion {
 		t.Errorf("installed version %q after upgrade, want %q", got, upVersion)
 	}
