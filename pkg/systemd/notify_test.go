@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -234,32 +233,26 @@ func (w *watchdogRun) stop(t *testing.T) {
 
 func TestWatchdogPingsWhileHealthyOnly(t *testing.T) {
 	sock := newNotifySocket(t)
-	const timeout = 400 * time.Millisecond
+	const timeout = time.Second
 	t.Setenv("WATCHDOG_USEC", strconv.Itoa(int(timeout/time.Microsecond)))
 	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
 	var logs bytes.Buffer
 	w := startWatchdog(t, NewNotifier(slog.New(slog.NewTextHandler(&syncWriter{w: &logs}, nil))))
 
-	// Healthy: WATCHDOG=1 at half the timeout.
+	// Healthy: WATCHDOG=1 at half the timeout. Single gaps as the reader
+	// sees them jitter on a loaded machine (a late read, then a quick
+	// one); the average over several pings does not.
 	var stamps []time.Time
-	for len(stamps) < 6 {
+	for len(stamps) < 9 {
 		if got := sock.next(30 * time.Second); got != "WATCHDOG=1" {
 			t.Fatalf("watchdog sent %q, want WATCHDOG=1", got)
 		}
 		stamps = append(stamps, time.Now())
 	}
-	var gaps []time.Duration
-	for i := 1; i < len(stamps); i++ {
-		gaps = append(gaps, stamps[i].Sub(stamps[i-1]))
-	}
-	slices.Sort(gaps)
 	period := pingPeriod(timeout)
-	// A ticker never fires early by much; on a loaded machine it may fire late.
-	if gaps[0] < period*3/4 {
-		t.Errorf("watchdog pings %v apart (sorted gaps %v), want about %v", gaps[0], gaps, period)
-	}
-	if median := gaps[len(gaps)/2]; median >= timeout {
-		t.Errorf("median watchdog ping gap %v (sorted gaps %v), want below WatchdogSec %v", median, gaps, timeout)
+	avg := stamps[len(stamps)-1].Sub(stamps[0]) / time.Duration(len(stamps)-1)
+	if avg < period/2 || avg >= timeout {
+		t.Errorf("watchdog pings every %v on average, want about %v and below WatchdogSec %v", avg, period, timeout)
 	}
 
 	// Unhealthy: once the health function has said false, nothing is sent.
