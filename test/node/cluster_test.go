@@ -70,6 +70,9 @@ func startCluster(t *testing.T) *cluster {
 	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644); err != nil {
 		env.record("tcp_migrate_req not available in the test namespace: %v", err)
 	}
+	if err := os.WriteFile(env.path("audit-policy.yaml"), []byte(auditPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	c.startEtcd(t)
 	for _, ip := range apiserverIPs {
 		c.apiservers = append(c.apiservers, c.startAPIServer(t, ip))
@@ -237,11 +240,28 @@ func (c *cluster) startAPIServer(t *testing.T, ip string) *apiserver {
 		"--authorization-mode=Node,RBAC",
 		"--enable-admission-plugins=NodeRestriction",
 		"--profiling=false",
+		"--audit-policy-file=" + env.path("audit-policy.yaml"),
+		"--audit-log-path=" + auditLog(ip),
+		"--audit-log-maxsize=100",
 	}
 	a := &apiserver{ip: ip, args: args}
 	a.p = c.run(t, "apiserver-"+ip, "unshare", args...)
 	return a
 }
+
+// auditPolicy records the kubelet's requests only (which apiserver served
+// which request).
+const auditPolicy = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  users: ["system:node:` + nodeName + `"]
+- level: None
+`
+
+// auditLog is apiserver ip's audit log.
+func auditLog(ip string) string { return env.path("logs", "audit-"+ip+".log") }
 
 // restart starts a stopped apiserver again with the same arguments.
 func (c *cluster) restartAPIServer(t *testing.T, a *apiserver) {
@@ -453,7 +473,7 @@ cgroupDriver: cgroupfs
 cgroupRoot: %[2]s
 containerRuntimeEndpoint: unix://%[3]s
 staticPodPath: %[1]s/manifests
-podLogsDirectory: %[1]s/pod-logs
+podLogsDir: %[1]s/pod-logs
 address: %[4]s
 port: 10250
 readOnlyPort: 0

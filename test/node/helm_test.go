@@ -123,7 +123,9 @@ func (c *cluster) helmDaemonSet(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		out, _ := env.kubectl(ctx, c.liveAPIServer(), "", append([]string{"auth", "can-i", "--as=" + saUser}, ch.args...)...)
 		cancel()
-		got := strings.TrimSpace(out)
+		// The answer is the last line (kubectl may warn before it).
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		got := strings.TrimSpace(lines[len(lines)-1])
 		if got != ch.want {
 			t.Errorf("kubectl auth can-i --as=%s %s: %q, want %q", saUser, strings.Join(ch.args, " "), got, ch.want)
 		}
@@ -301,10 +303,10 @@ func (c *cluster) probesAndSecurityContext(t *testing.T) {
 
 var probeMetric = regexp.MustCompile(`^prober_probe_total\{([^}]*)\} ([0-9.e+]+)$`)
 
-// probeCounts reads the kubelet's prober_probe_total for pod (through the
-// API server's node proxy) as "Type/result" -> count.
+// probeCounts reads the kubelet's prober_probe_total for pod (/metrics/probes
+// through the API server's node proxy) as "Type/result" -> count.
 func (c *cluster) probeCounts(pod string) (map[string]float64, error) {
-	code, body, err := env.api(c.liveAPIServer(), http.MethodGet, "/api/v1/nodes/"+nodeName+"/proxy/metrics", nil)
+	code, body, err := env.api(c.liveAPIServer(), http.MethodGet, "/api/v1/nodes/"+nodeName+"/proxy/metrics/probes", nil)
 	if err != nil {
 		return nil, err
 	}

@@ -181,6 +181,22 @@ func (c *cluster) bootNode(t *testing.T) {
 	}
 	env.record("kubelet start -> node Ready through the balancer: %.1f s", ready.Sub(start).Seconds())
 	c.startControllers(t)
+	// The controllers are up once they created the default service
+	// accounts and the CA bundle pods mount.
+	for _, p := range []string{
+		"/api/v1/namespaces/default/serviceaccounts/default",
+		"/api/v1/namespaces/kube-system/serviceaccounts/default",
+		"/api/v1/namespaces/kube-system/configmaps/kube-root-ca.crt",
+	} {
+		poll(t, p, 2*time.Minute, 250*time.Millisecond, func() (bool, string) {
+			c.checkAlive(t)
+			ok, err := exists(c.liveAPIServer(), p)
+			if err != nil {
+				return false, err.Error()
+			}
+			return ok, "not found"
+		})
+	}
 }
 
 // mirrorPod is the name of the static pod's mirror pod.

@@ -3,6 +3,7 @@ package node
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -39,22 +40,23 @@ const killDuration = 60 * time.Second
 // and the kubelet loses no more than one in-flight request.
 func (c *cluster) apiserverSigkill(t *testing.T) {
 	c.ensureWorkload(t)
-	doc, err := getStatus(adminAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The victim is the apiserver serving the kubelet's requests (its
+	// lease renewals come every 10 s), from the apiservers' audit logs.
 	var victim *apiserver
-	var most int64 = -1
-	for _, u := range doc.Upstreams {
+	var served []string
+	poll(t, "an apiserver serving the kubelet", time.Minute, time.Second, func() (bool, string) {
+		now := time.Now()
+		most := 0
+		served = served[:0]
 		for _, a := range c.apiservers {
-			if a.addr() == u.Address && u.ActiveConnections > most {
-				victim, most = a, u.ActiveConnections
+			n := kubeletRequests(a.ip, now.Add(-15*time.Second), now)
+			served = append(served, fmt.Sprintf("%s: %d", a.ip, n))
+			if n > most {
+				victim, most = a, n
 			}
 		}
-	}
-	if victim == nil || most == 0 {
-		t.Fatalf("no apiserver carries the node's connections: %s", doc.describe())
-	}
+		return most > 0, strings.Join(served, ", ")
+	})
 	var observer string
 	for _, a := range c.apiservers {
 		if a != victim {
@@ -75,7 +77,7 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	if err := victim.p.wait(30 * time.Second); err == nil {
 		t.Fatalf("%s exited cleanly on SIGKILL", victim.p.name)
 	}
-	env.record("SIGKILL %s (carrying %d of the balancer's connections) for %s", victim.addr(), most, killDuration)
+	env.record("SIGKILL %s for %s; kubelet requests per apiserver in the 15 s before: %s", victim.addr(), killDuration, strings.Join(served, ", "))
 	deadline := time.After(killDuration)
 	tick := time.NewTicker(time.Second)
 	for waiting := true; waiting; {
@@ -102,14 +104,19 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	opsRes := ops.stop()
 	mon := m.stop()
 
-	after, err := getNode(observer)
+	afterNode, err := getNode(observer)
 	if err != nil {
 		t.Fatal(err)
 	}
 	failed, watches := kubeletAPIErrors(c.kubelet.log, killedAt.Add(-time.Second), end)
+	var after []string
+	for _, a := range c.apiservers {
+		after = append(after, fmt.Sprintf("%s: %d", a.ip, kubeletRequests(a.ip, killedAt, back)))
+	}
+	env.record("apiserver SIGKILL: kubelet requests per apiserver while %s was down: %s", victim.ip, strings.Join(after, ", "))
 	env.record("apiserver SIGKILL: node Ready in %d of %d checks (1/s), max lease renew gap %.1f s, Ready since %s (unchanged: %t)",
-		mon.ready, mon.checks, mon.maxLeaseGap.Seconds(), after.ready().LastTransitionTime.Format(time.RFC3339),
-		after.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime))
+		mon.ready, mon.checks, mon.maxLeaseGap.Seconds(), afterNode.ready().LastTransitionTime.Format(time.RFC3339),
+		afterNode.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime))
 	env.record("apiserver SIGKILL: kubectl logs/exec through the node's balancer: %d of %d ok; logs -f stream: %d lines, %d reconnects",
 		opsRes.ok, opsRes.total, opsRes.followLines, opsRes.followRestarts)
 	env.record("apiserver SIGKILL: kubelet failed API requests: %d; watches the kubelet re-opened: %d; apiserver back after %.1f s",
@@ -123,8 +130,8 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	if mon.notReady > 0 || mon.checks < int(killDuration/time.Second) {
 		t.Errorf("node not Ready in %d of %d checks: %v", mon.notReady, mon.checks, mon.notes)
 	}
-	if !after.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime) || after.ready().Status != "True" {
-		t.Errorf("node Ready condition changed: before %+v, after %+v", before.ready(), after.ready())
+	if !afterNode.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime) || afterNode.ready().Status != "True" {
+		t.Errorf("node Ready condition changed: before %+v, after %+v", before.ready(), afterNode.ready())
 	}
 	if mon.maxLeaseGap > 25*time.Second {
 		t.Errorf("node lease not renewed for %.1f s (renewal every 10 s)", mon.maxLeaseGap.Seconds())
@@ -313,12 +320,13 @@ func (o *clientOps) stop() clientOpsResult {
 }
 
 // apiErrorMarkers are what a failed request to the API looks like in the
-// kubelet's log.
+// kubelet's log, besides the balancer's address in the failed URL (the
+// kubelet's exec and port-forward streams to containerd are not API
+// requests and do not count).
 var apiErrorMarkers = []string{
-	"connection refused", "connection reset", "EOF", "http2: client connection lost", "broken pipe",
-	"i/o timeout", "context deadline exceeded", "Client.Timeout", "TLS handshake", "use of closed network connection",
-	"the server is currently unable", "GOAWAY", "no route to host", "Timeout: request did not complete",
-	"the server was unable to return a response",
+	balancerAddr, "http2: client connection lost", "the server is currently unable",
+	"Timeout: request did not complete", "the server was unable to return a response",
+	"GOAWAY", "an error on the server",
 }
 
 // kubeletAPIErrors returns the warning and error lines of the kubelet's log
@@ -336,7 +344,7 @@ func kubeletAPIErrors(path string, from, to time.Time) (failed []string, watches
 	for sc.Scan() {
 		line := sc.Text()
 		// klog: Lmmdd hh:mm:ss.uuuuuu PID file:line] message
-		if len(line) < 21 || (line[0] != 'E' && line[0] != 'W') {
+		if len(line) < 21 || !strings.ContainsRune("IWE", rune(line[0])) {
 			continue
 		}
 		ts, err := time.ParseInLocation("0102 15:04:05.000000", line[1:21], time.Local)
@@ -347,14 +355,14 @@ func kubeletAPIErrors(path string, from, to time.Time) (failed []string, watches
 		if ts.Before(from) || ts.After(to) {
 			continue
 		}
-		if !containsAny(line, apiErrorMarkers) {
-			continue
-		}
-		if strings.Contains(line, "watch of") && strings.Contains(line, "ended with") {
+		if strings.Contains(line, "Unexpected EOF during watch stream") ||
+			(strings.Contains(line, "watch of") && strings.Contains(line, "ended with")) {
 			watches++
 			continue
 		}
-		failed = append(failed, line)
+		if (line[0] == 'E' || line[0] == 'W') && containsAny(line, apiErrorMarkers) {
+			failed = append(failed, line)
+		}
 	}
 	return failed, watches
 }
@@ -366,4 +374,37 @@ func containsAny(s string, subs []string) bool {
 		}
 	}
 	return false
+}
+
+// auditEvent is the part of an apiserver audit event the test reads.
+type auditEvent struct {
+	Stage          string    `json:"stage"`
+	StageTimestamp time.Time `json:"stageTimestamp"`
+	User           struct {
+		Username string `json:"username"`
+	} `json:"user"`
+}
+
+// kubeletRequests counts the kubelet's completed requests that apiserver ip
+// served between from and to, from its audit log.
+func kubeletRequests(ip string, from, to time.Time) int {
+	f, err := os.Open(auditLog(ip))
+	if err != nil {
+		return 0
+	}
+	defer func() { _ = f.Close() }()
+	n := 0
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var ev auditEvent
+		if json.Unmarshal(sc.Bytes(), &ev) != nil {
+			continue
+		}
+		if ev.User.Username == "system:node:"+nodeName && ev.Stage == "ResponseComplete" &&
+			!ev.StageTimestamp.Before(from) && !ev.StageTimestamp.After(to) {
+			n++
+		}
+	}
+	return n
 }

@@ -88,7 +88,7 @@ func (c *cluster) surgeUpgrade(t *testing.T) {
 	time.Sleep(3 * time.Second) // a baseline with one pod
 	start := time.Now()
 	args = []string{"upgrade", release, c.chartDir(), "--namespace", "kube-system", "--reuse-values",
-		"--set", "podAnnotations.node-e2e/rollout=" + start.Format("150405")}
+		"--set-string", "podAnnotations.node-e2e/rollout=" + start.Format("150405")}
 	if out, err := c.helmRun(args...); err != nil {
 		load.stop()
 		t.Fatalf("%v\n%s", err, out)
