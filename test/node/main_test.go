@@ -34,6 +34,7 @@ import (
 const (
 	netnsEnv   = "EP_NODE_NETNS"
 	workDirEnv = "EP_NODE_WORKDIR"
+	cgroupEnv  = "EP_NODE_CGROUP"
 )
 
 // apiserverIPs are the addresses of the test apiservers, on the namespace's lo.
@@ -50,9 +51,10 @@ const nodeName = "node-e2e"
 // missing and removed again afterwards.
 var hostMountpoints = []string{"/etc/extractedprism", "/var/lib/extractedprism", "/var/log/containers"}
 
-// cgroupRoot is the cgroup (in every v1 hierarchy) under which the kubelet
-// puts its pods.
-const cgroupRoot = "/ep-node-e2e"
+// cgroupRoot is the cgroup (in every hierarchy) under which the kubelet
+// puts its pods: named after the run's network namespace, so that runs on
+// one machine never share one.
+var cgroupRoot = os.Getenv(cgroupEnv)
 
 func TestMain(m *testing.M) {
 	if os.Getenv(netnsEnv) == "" {
@@ -74,6 +76,7 @@ func runOutside() int {
 		return 1
 	}
 	name := "ep-node-" + hex.EncodeToString(b)
+	cgroupRoot = "/" + name
 	work, err := os.MkdirTemp("", "ep-node-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "node-e2e: work directory:", err)
@@ -124,7 +127,7 @@ func runOutside() int {
 	}
 	cmd := exec.Command("ip", append([]string{"netns", "exec", name, os.Args[0]}, os.Args[1:]...)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), netnsEnv+"="+name, workDirEnv+"="+work)
+	cmd.Env = append(os.Environ(), netnsEnv+"="+name, workDirEnv+"="+work, cgroupEnv+"="+cgroupRoot)
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintln(os.Stderr, "node-e2e:", err)
 		return 1
@@ -210,6 +213,11 @@ func createCgroups(root string) error {
 // live in pod network namespaces, so killing the test namespace's processes
 // does not reach them) and removes the subtree, deepest first.
 func cleanupCgroups(root string) {
+	if !strings.HasPrefix(root, "/ep-node-") {
+		// Never a cgroup the test did not create itself.
+		fmt.Fprintf(os.Stderr, "node-e2e: not cleaning up cgroup %q\n", root)
+		return
+	}
 	for attempt := 0; attempt < 50; attempt++ {
 		left := 0
 		for _, h := range cgroupHierarchies() {
@@ -249,6 +257,10 @@ func cleanupCgroups(root string) {
 
 // runInside runs the tests inside the namespaces.
 func runInside(m *testing.M) int {
+	if !strings.HasPrefix(cgroupRoot, "/ep-node-") {
+		fmt.Fprintf(os.Stderr, "node-e2e: %s is %q, want the run's cgroup\n", cgroupEnv, cgroupRoot)
+		return 1
+	}
 	var err error
 	env, err = newEnvironment(os.Getenv(workDirEnv))
 	if err != nil {

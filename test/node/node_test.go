@@ -176,6 +176,11 @@ func (c *cluster) bootNode(t *testing.T) {
 		return r.Status == "True", fmt.Sprintf("Ready=%s %s: %s", r.Status, r.Reason, r.Message)
 	})
 	env.nodeReady = ready
+	// A misspelt kubelet setting is only logged, and then silently not
+	// applied: refuse it.
+	if b, err := os.ReadFile(c.kubelet.log); err == nil && strings.Contains(string(b), "strict decoding error") {
+		t.Fatalf("the kubelet ignored part of its configuration:\n%s", firstLine(string(b), "strict decoding error"))
+	}
 	if !balancerUp.IsZero() {
 		env.record("kubelet start -> static pod answers /status: %.1f s", balancerUp.Sub(start).Seconds())
 	}

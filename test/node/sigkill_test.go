@@ -117,7 +117,7 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	env.record("apiserver SIGKILL: node Ready in %d of %d checks (1/s), max lease renew gap %.1f s, Ready since %s (unchanged: %t)",
 		mon.ready, mon.checks, mon.maxLeaseGap.Seconds(), afterNode.ready().LastTransitionTime.Format(time.RFC3339),
 		afterNode.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime))
-	env.record("apiserver SIGKILL: kubectl logs/exec through the node's balancer: %d of %d ok; logs -f stream: %d lines, %d reconnects",
+	env.record("apiserver SIGKILL: kubectl logs/exec through the node's balancer: %d of %d ok; kubectl logs -f: %d lines, started again %d times",
 		opsRes.ok, opsRes.total, opsRes.followLines, opsRes.followRestarts)
 	env.record("apiserver SIGKILL: kubelet failed API requests: %d; watches the kubelet re-opened: %d; apiserver back after %.1f s",
 		len(failed), watches, back.Sub(killedAt).Seconds())
@@ -127,7 +127,7 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	for _, e := range opsRes.errors {
 		t.Logf("client op: %s", e)
 	}
-	if mon.notReady > 0 || mon.checks < int(killDuration/time.Second) {
+	if mon.notReady > 0 || mon.checks < int(killDuration/time.Second)/2 {
 		t.Errorf("node not Ready in %d of %d checks: %v", mon.notReady, mon.checks, mon.notes)
 	}
 	if !afterNode.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime) || afterNode.ready().Status != "True" {
@@ -136,9 +136,14 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	if mon.maxLeaseGap > 25*time.Second {
 		t.Errorf("node lease not renewed for %.1f s (renewal every 10 s)", mon.maxLeaseGap.Seconds())
 	}
-	if opsRes.total < 20 || opsRes.total-opsRes.ok > 1 {
+	if opsRes.total < 15 || opsRes.total-opsRes.ok > 1 {
 		t.Errorf("kubectl logs/exec through the balancer: %d of %d failed (at most the one in flight may): %v",
 			opsRes.total-opsRes.ok, opsRes.total, opsRes.errors)
+	}
+	// A stream through the killed apiserver ends with it; kubectl logs -f
+	// started again goes through another one.
+	if opsRes.followRestarts > 1 || opsRes.followLines < int(killDuration/time.Second) {
+		t.Errorf("kubectl logs -f through the balancer: %d lines, %d restarts", opsRes.followLines, opsRes.followRestarts)
 	}
 	if len(failed) > 1 {
 		t.Errorf("kubelet logged %d failed API requests, at most one in-flight request may fail", len(failed))
