@@ -19,7 +19,7 @@ NODE_E2E_TIMEOUT   ?= 30m
 NODE_E2E_FLAGS     ?=
 NODE_E2E_K8S       := kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
 
-.PHONY: node-e2e node-e2e-tools node-e2e-image need-node-e2e
+.PHONY: node-e2e node-e2e-tools node-e2e-image need-node-e2e node-e2e-lint
 
 ## need-node-e2e: stop at once, naming the command to run, when a package is missing.
 need-node-e2e:
@@ -53,3 +53,9 @@ node-e2e: need-node-e2e node-e2e-tools node-e2e-image $(BIN)/nodetools
 	  $(GO) test -race -count=1 -v -timeout $(NODE_E2E_TIMEOUT) . $(NODE_E2E_FLAGS)
 
 CI_TARGETS += node-e2e
+
+## node-e2e-lint: go vet and golangci-lint on test/node (a module of its own, outside make lint).
+node-e2e-lint: $(BIN)/golangci-lint
+	cd test/node && $(GO) vet ./... && $(BIN)/golangci-lint run ./...
+
+CI_TARGETS += node-e2e-lint

@@ -11,7 +11,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"math/big"
@@ -41,7 +40,7 @@ type environment struct {
 	imageRepo string
 	imageTag  string
 
-	caFile, caKeyFile         string
+	caFile                    string
 	apiCertFile, apiKeyFile   string
 	kubeletClientCert         string
 	kubeletClientKey          string
@@ -534,20 +533,6 @@ func (e *environment) mustKubectl(t *testing.T, server, stdin string, args ...st
 		t.Fatal(err)
 	}
 	return out
-}
-
-// getJSON runs kubectl get -o json and decodes the result into v.
-func (e *environment) getJSON(server string, v any, args ...string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	out, err := e.kubectl(ctx, server, "", append(append([]string{"get"}, args...), "-o", "json")...)
-	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal([]byte(out), v); err != nil {
-		return fmt.Errorf("decode kubectl get %s: %w", strings.Join(args, " "), err)
-	}
-	return nil
 }
 
 // helm runs the helm binary with the admin kubeconfig for server and its
