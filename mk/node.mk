@@ -23,7 +23,7 @@ NODE_E2E_K8S       := kube-apiserver kube-controller-manager kube-scheduler kube
 
 ## need-node-e2e: stop at once, naming the command to run, when a package is missing.
 need-node-e2e:
-	@missing=; for c in etcd containerd ctr runc unshare ip nsenter; do \
+	@missing=; for c in etcd containerd ctr runc unshare ip mount; do \
 	  command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	test -x /usr/lib/cni/bridge || missing="$$missing containernetworking-plugins"; \
 	if [ -n "$$missing" ]; then \

@@ -67,7 +67,12 @@ func startCluster(t *testing.T) *cluster {
 	}
 	// New connections queued on a closing SO_REUSEPORT listener move to
 	// another listener of the group (the DaemonSet's surge upgrade).
-	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644); err != nil {
+	// EP_NODE_TCP_MIGRATE_REQ=0 shows what a kernel without it does.
+	migrate := "1"
+	if v := os.Getenv("EP_NODE_TCP_MIGRATE_REQ"); v != "" {
+		migrate = v
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte(migrate), 0o644); err != nil {
 		env.record("tcp_migrate_req not available in the test namespace: %v", err)
 	}
 	if err := os.WriteFile(env.path("audit-policy.yaml"), []byte(auditPolicy), 0o644); err != nil {
