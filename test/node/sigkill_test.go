@@ -34,8 +34,8 @@ spec:
 // killDuration is how long the apiserver stays dead.
 const killDuration = 60 * time.Second
 
-// apiserverSigkill kills the apiserver carrying most of the node's
-// connections for 60 s and restarts it. The node stays Ready, kubectl logs
+// apiserverSigkill kills the apiserver serving the kubelet's requests for
+// 60 s and restarts it. The node stays Ready, kubectl logs
 // and exec of a pod on the node keep working through the node's balancer,
 // and the kubelet loses no more than one in-flight request.
 func (c *cluster) apiserverSigkill(t *testing.T) {

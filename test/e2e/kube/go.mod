@@ -1,5 +1,6 @@
-// Module kube pins the kube-apiserver and kubectl that the end-to-end tests
-// run. It is a module of its own so that the Kubernetes build graph never
+// Module kube pins the Kubernetes commands that the end-to-end tests run
+// (kube-apiserver and kubectl; kube-controller-manager, kube-scheduler and
+// kubelet for the node tests). It is a module of its own so that the Kubernetes build graph never
 // reaches the product's go.mod.
 module github.com/extractedprism/extractedprism/test/e2e/kube
 
