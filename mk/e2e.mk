@@ -30,7 +30,7 @@ $(BIN)/kube-apiserver $(BIN)/kubectl: | test/e2e/kube/go.mod
 e2e-tools: $(BIN)/kube-apiserver $(BIN)/kubectl
 
 ## e2e: discovery and the daemon against real kube-apiservers and etcd.
-e2e: e2e-tools $(BIN)/extractedprism
+e2e: need-e2e e2e-tools $(BIN)/extractedprism
 	cd test/e2e && EP_E2E_BIN=$(BIN) EP_E2E_REPORT=$(BIN)/e2e-report.txt \
 	  $(GO) test -race -count=1 -v -timeout $(E2E_TIMEOUT) .
 

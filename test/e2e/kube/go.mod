@@ -1,6 +1,7 @@
-// Module kube pins the kube-apiserver and kubectl that the end-to-end tests
-// run. It is a module of its own so that the Kubernetes build graph never
-// reaches the product's go.mod.
+// Module kube pins the Kubernetes commands that the end-to-end tests run
+// (kube-apiserver and kubectl; kube-controller-manager, kube-scheduler and
+// kubelet for the node tests). It is a module of its own so that the
+// Kubernetes build graph never reaches the product's go.mod.
 module github.com/extractedprism/extractedprism/test/e2e/kube
 
 go 1.26.8

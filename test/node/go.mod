@@ -1,0 +1,7 @@
+// Module node runs extractedprism's container image, kubeadm static pod and
+// Helm chart under a real kubelet and containerd. It is a module of its own
+// so that nothing it needs reaches the product's go.mod; the Kubernetes
+// binaries it runs are pinned in ../e2e/kube.
+module github.com/extractedprism/extractedprism/test/node
+
+go 1.26.8
