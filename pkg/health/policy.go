@@ -7,8 +7,9 @@
 // made by thousands of nodes in the same seconds. The rules:
 //
 //   - Move connections only when there is somewhere better to go: while no
-//     other upstream is up (every apiserver unready during an etcd outage,
-//     or all of them down), every established connection is kept. When
+//     other upstream is up and answering its probes (every apiserver
+//     unready or slow during an etcd outage, or all of them down), every
+//     established connection is kept. When
 //     another upstream comes up later, the down one's connections are
 //     closed only if a probe after that still finds it failing, so a
 //     cluster recovering from an outage cuts nothing.
@@ -154,7 +155,7 @@ func (p *Policy) Transition(t upstream.Transition) {
 				why = "failed"
 			}
 			pd := &pending{after: p.opts.Now().Add(grace), why: why}
-			if !p.opts.Set.OtherUp(t.Upstream) {
+			if !p.opts.Set.OtherAnswering(t.Upstream) {
 				pd.waitBetter = true
 			}
 			if old := p.pending[t.Upstream]; old != nil && old.closing {
@@ -234,7 +235,7 @@ func (p *Policy) evaluate(ctx context.Context, wg *sync.WaitGroup) time.Duration
 			next = min(next, wait)
 			continue
 		}
-		if !o.Set.OtherUp(u) {
+		if !o.Set.OtherAnswering(u) {
 			continue // nowhere better: keep everything; a transition wakes us
 		}
 		if pd.waitBetter {
@@ -272,7 +273,7 @@ func (p *Policy) close(ctx context.Context, wg *sync.WaitGroup, u *upstream.Upst
 	still := func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		return p.opts.CloseOnDown && p.stillDown(u, pd) && o.Set.OtherUp(u)
+		return p.opts.CloseOnDown && p.stillDown(u, pd) && o.Set.OtherAnswering(u)
 	}
 	_, complete := o.Closer.CloseUpstream(ctx, u, o.Spread, still)
 	p.mu.Lock()

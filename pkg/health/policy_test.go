@@ -75,6 +75,7 @@ func newRig(t *testing.T, o Options) *rig {
 	r.set.Reconcile([]upstream.Endpoint{{Address: "a:1"}, {Address: "b:1"}, {Address: "c:1"}})
 	for _, a := range []string{"a:1", "b:1", "c:1"} {
 		r.set.Report(a, true, 0, nil)
+		r.set.Report(a, true, 0, nil) // rise: answering
 		r.set.Pick(func(u *upstream.Upstream) bool { return u.Addr() != a }) // one connection each
 	}
 	ctx, cancel := context.WithCancel(context.Background())

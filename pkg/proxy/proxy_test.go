@@ -147,6 +147,7 @@ func startProxy(t *testing.T, o Options, addrs []string, up ...string) *harness 
 	set.Reconcile(eps)
 	for _, a := range up {
 		set.Report(a, true, 0, nil)
+		set.Report(a, true, 0, nil) // rise: up and answering
 	}
 	o.Set = set
 	if o.Logger == nil {

@@ -17,9 +17,9 @@
 // takes a healthy upstream down on its own.
 //
 // A probe that times out takes an Up upstream down only while another Up
-// upstream answers its probes: when every upstream is slow the cluster is
-// overloaded, not dead, and moving load between apiservers would make it
-// worse.
+// upstream answers its probes (its last Rise of them): when every upstream
+// is slow the cluster is overloaded, not dead, and moving load between
+// apiservers would make it worse.
 package upstream
 
 import (
@@ -349,7 +349,7 @@ func (s *Set) Pick(exclude func(*Upstream) bool) *Upstream {
 // slow, and moving only starts the wait again.
 func (s *Set) PickAnswering(exclude func(*Upstream) bool) *Upstream {
 	return s.pick(func(u *Upstream) bool {
-		return !u.lastProbeOK || (exclude != nil && exclude(u))
+		return !s.answering(u) || (exclude != nil && exclude(u))
 	}, true)
 }
 
@@ -471,11 +471,19 @@ func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
 	}
 }
 
-// otherAnswering reports whether an Up upstream other than u answered its
-// last probe; s.mu must be held.
+// answering reports whether x is Up, not suspect, and answered its last
+// Rise probes: a single lucky answer from an apiserver that is as slow
+// as the others does not make it somewhere better to go. s.mu must be
+// held.
+func (s *Set) answering(x *Upstream) bool {
+	return x.state == Up && !x.suspect && x.lastProbeOK && x.okStreak >= s.opts.Rise
+}
+
+// otherAnswering reports whether an upstream other than u is answering;
+// s.mu must be held.
 func (s *Set) otherAnswering(u *Upstream) bool {
 	for _, x := range s.list {
-		if x != u && x.state == Up && x.lastProbeOK && !x.suspect {
+		if x != u && s.answering(x) {
 			return true
 		}
 	}
@@ -507,17 +515,13 @@ func (s *Set) Passive(u *Upstream, reason string) {
 	}
 }
 
-// OtherUp reports whether an upstream other than u is Up: whether the
-// connections on u have somewhere better to go.
-func (s *Set) OtherUp(u *Upstream) bool {
+// OtherAnswering reports whether an upstream other than u is up and
+// answering its probes (see PickAnswering): whether the connections on u
+// have somewhere better to go.
+func (s *Set) OtherAnswering(u *Upstream) bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	for _, x := range s.list {
-		if x != u && x.state == Up {
-			return true
-		}
-	}
-	return false
+	return s.otherAnswering(u)
 }
 
 // transition changes u's state; s.mu must be held.

@@ -199,7 +199,13 @@ func TestTimeoutOnEveryUpstreamIsOverloadNotDeath(t *testing.T) {
 	if len(trs) != 3 {
 		t.Fatalf("transitions = %+v, want only the three first ups", trs)
 	}
-	// One recovers: the others' next timeouts take them down now.
+	// A single answer is luck, not recovery: still nowhere better.
+	s.Report("c:1", true, 0, nil)
+	s.Report("a:1", false, 2*time.Second, errTimeout)
+	if st := s.Snapshot()[0]; st.State != Up {
+		t.Fatalf("a:1 = %+v after one lucky answer of c:1; want kept up", st)
+	}
+	// c answers again (rise): the others' next timeouts take them down.
 	s.Report("c:1", true, 0, nil)
 	s.Report("a:1", false, 2*time.Second, errTimeout)
 	if st := s.Snapshot()[0]; st.State != Down {
@@ -415,6 +421,7 @@ func TestPickAnsweringSkipsSlowAndSuspect(t *testing.T) {
 	s := NewSet(Options{Fall: 2})
 	s.Reconcile(eps("a:1", "b:1", "c:1"))
 	for _, a := range []string{"a:1", "b:1", "c:1"} {
+		s.Report(a, true, 0, nil)
 		s.Report(a, true, 0, nil)
 	}
 	s.Report("a:1", false, 0, errTimeout) // slow: still up, last probe failed

@@ -15,7 +15,13 @@ import (
 // connectCounts are the results of the clients' connects.
 type connectCounts struct {
 	total, ok, refused, reset, other int
-	errs                             []string
+	// slow counts connects (TCP and TLS handshake) that took over 1 s;
+	// maxLatency is the slowest successful one.
+	slow       int
+	maxLatency time.Duration
+	// firstFail and lastFail bound the failed connects in time.
+	firstFail, lastFail time.Time
+	errs                []string
 }
 
 // connectLoad opens TLS connections through addr until stopped.
@@ -38,9 +44,22 @@ func startConnectLoad(addr string, workers int) *connectLoad {
 					return
 				default:
 				}
+				began := time.Now()
 				err := tlsDial(addr)
+				took := time.Since(began)
 				l.mu.Lock()
 				l.c.total++
+				if took > time.Second {
+					l.c.slow++
+				}
+				if err == nil {
+					l.c.maxLatency = max(l.c.maxLatency, took)
+				} else {
+					if l.c.firstFail.IsZero() {
+						l.c.firstFail = began
+					}
+					l.c.lastFail = began
+				}
 				switch {
 				case err == nil:
 					l.c.ok++
