@@ -49,6 +49,14 @@ type options struct {
 	noInstall bool
 	render    string
 	loadOnly  string
+	scenarios string
+	merge     string
+	// serveUpstream runs this binary as an upstream server (see
+	// serveUpstream); the harness starts it so for the silent-client
+	// scenario.
+	serveUpstream     string
+	upstreamName      string
+	upstreamHandshake time.Duration
 }
 
 func main() {
@@ -64,8 +72,20 @@ func main() {
 	flag.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install haproxy and nginx when missing")
 	flag.StringVar(&o.loadOnly, "load-only", "", "only apply one load (keepalive, newconn, bulk1, bulk4) for --duration through the first set-up of --only, for profiling; writes nothing")
 	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
+	flag.StringVar(&o.scenarios, "scenarios", strings.Join(scenarioNames(), ","), "comma-separated chaos scenarios to run")
+	flag.StringVar(&o.merge, "merge", "", "results.json of an earlier run: keep its figures and replace only what this run measures (with --runs 0, only the chaos scenarios given)")
+	flag.StringVar(&o.serveUpstream, "serve-upstream", "", "internal: run as an upstream server on this address (the silent-client scenario's upstreams)")
+	flag.StringVar(&o.upstreamName, "upstream-name", "slow", "internal: name of the upstream server of --serve-upstream")
+	flag.DurationVar(&o.upstreamHandshake, "upstream-handshake-timeout", 2*time.Second, "internal: TLS handshake and request header timeout of --serve-upstream")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	if o.serveUpstream != "" {
+		if err := serveUpstream(o.serveUpstream, o.upstreamName, o.upstreamHandshake); err != nil {
+			log.Error("upstream server failed", "err", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if o.render != "" {
@@ -104,6 +124,21 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 	binDir, err := filepath.Abs(o.binDir)
 	if err != nil {
 		return fmt.Errorf("--bin %q: %w", o.binDir, err)
+	}
+	scen, err := pickScenarios(o.scenarios)
+	if err != nil {
+		return err
+	}
+	var prev *results
+	if o.merge != "" {
+		b, err := os.ReadFile(o.merge)
+		if err != nil {
+			return fmt.Errorf("--merge %q: %w", o.merge, err)
+		}
+		prev = &results{}
+		if err := json.Unmarshal(b, prev); err != nil {
+			return fmt.Errorf("--merge %q: %w", o.merge, err)
+		}
 	}
 	standinBin := filepath.Join(binDir, "standin")
 	if _, err := os.Stat(standinBin); err != nil {
@@ -185,13 +220,20 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 			if s == nameDirect || ctx.Err() != nil {
 				continue
 			}
-			res.Chaos[s] = e.chaos(ctx, log, s)
+			res.Chaos[s] = e.chaos(ctx, log, s, scen)
 			log.Info("chaos done", "setup", s, "result", fmt.Sprintf("%+v", res.Chaos[s]))
 		}
 	}
 	res.Duration = time.Since(began).Seconds()
 	if ctx.Err() != nil {
 		return ctx.Err()
+	}
+	if prev != nil {
+		ran := scen
+		if o.skipChaos {
+			ran = nil
+		}
+		res = mergeResults(*prev, res, ran, o.runs > 0)
 	}
 	return writeOutputs(o, res)
 }
