@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strings"
 	"time"
 
@@ -513,13 +512,15 @@ func renderChart(path string, res results) error {
 		add("Streams alive after SIGTERM (s) ↑", 1, func(c chaosResult) float64 { return c.TermSurviveMedian })
 		opt := func(title string, prec int, f func(chaosResult) (float64, bool)) {
 			p := panel{title: title, prec: prec}
+			// Only the balancers the figure exists for.
 			for _, s := range cs {
-				v, ok := f(res.Chaos[s])
-				p.labels = append(p.labels, s)
-				p.values = append(p.values, v)
-				p.ok = append(p.ok, ok)
+				if v, ok := f(res.Chaos[s]); ok {
+					p.labels = append(p.labels, s)
+					p.values = append(p.values, v)
+					p.ok = append(p.ok, true)
+				}
 			}
-			if slices.Contains(p.ok, true) {
+			if len(p.labels) > 0 {
 				panels = append(panels, p)
 			}
 		}
