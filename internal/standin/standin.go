@@ -10,6 +10,10 @@
 //	GET  /stream?interval=100ms     one line per interval until the client goes
 //	POST /control/ready             become ready
 //	POST /control/unready           become unready (only health paths change)
+//	POST /control/slow?delay=6s     become slow: new connections get their
+//	                                first byte (the TLS ServerHello) and every
+//	                                answer but /control/* comes that late
+//	POST /control/fast              answer at once again
 //
 // Two failure modes imitate broken apiservers below the HTTP layer: Hang
 // accepts TCP connections and never reads from or answers them, and
@@ -29,6 +33,7 @@ import (
 	"net/http"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +72,10 @@ type Options struct {
 	// ResetAfterAccept makes the server reset every connection right after
 	// accepting it.
 	ResetAfterAccept bool
+	// HandshakeTimeout is how long a new connection may take to send its
+	// request headers, TLS handshake included, before it is closed
+	// (kube-apiserver: 32 s; default 10 s).
+	HandshakeTimeout time.Duration
 	// Certificate is served instead of a freshly generated one when set.
 	Certificate *tls.Certificate
 }
@@ -85,6 +94,7 @@ type Server struct {
 	ready    atomic.Bool
 	hang     atomic.Bool
 	reset    atomic.Bool
+	delay    atomic.Int64 // time.Duration of slowness, 0 = fast
 	requests atomic.Int64
 	started  time.Time
 
@@ -156,9 +166,13 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	s.ready.Store(!opts.Unready)
 	s.hang.Store(opts.Hang)
 	s.reset.Store(opts.ResetAfterAccept)
+	handshake := opts.HandshakeTimeout
+	if handshake <= 0 {
+		handshake = 10 * time.Second
+	}
 	s.srv = &http.Server{
 		Handler:           s.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: handshake,
 		IdleTimeout:       10 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		TLSConfig: &tls.Config{
@@ -323,9 +337,42 @@ func (l *modeListener) Accept() (net.Conn, error) {
 		case l.s.hang.Load():
 			l.s.hold(c)
 		default:
+			if d := time.Duration(l.s.delay.Load()); d > 0 {
+				return &slowConn{Conn: c, delay: d}, nil
+			}
 			return c, nil
 		}
 	}
+}
+
+// slowConn delays its first read: the client's first bytes (a TLS
+// ClientHello) are answered that much later.
+type slowConn struct {
+	net.Conn
+	delay time.Duration
+	once  sync.Once
+}
+
+func (c *slowConn) Read(b []byte) (int, error) {
+	c.once.Do(func() { time.Sleep(c.delay) }) //nolint:forbidigo // the imitated slowness itself
+	return c.Conn.Read(b)
+}
+
+// SetSlow makes the server answer new connections and requests d late
+// (0: at once).
+func (s *Server) SetSlow(d time.Duration) {
+	s.delay.Store(int64(max(d, 0)))
+	s.log.Info("standin speed changed", "delay", d)
+}
+
+func (s *Server) slow(w http.ResponseWriter, r *http.Request) {
+	d, err := time.ParseDuration(r.URL.Query().Get("delay"))
+	if err != nil || d < 0 {
+		http.Error(w, "delay: want a duration such as 6s", http.StatusBadRequest)
+		return
+	}
+	s.SetSlow(d)
+	writeJSON(w, map[string]any{"name": s.name, "delay": d.String()})
 }
 
 func (s *Server) routes() http.Handler {
@@ -338,6 +385,11 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /stream", s.stream)
 	mux.HandleFunc("POST /control/ready", s.control(true))
 	mux.HandleFunc("POST /control/unready", s.control(false))
+	mux.HandleFunc("POST /control/slow", s.slow)
+	mux.HandleFunc("POST /control/fast", func(w http.ResponseWriter, _ *http.Request) {
+		s.SetSlow(0)
+		writeJSON(w, map[string]any{"name": s.name, "delay": "0s"})
+	})
 	mux.HandleFunc("GET /{$}", s.root)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.handlerMu.RLock()
@@ -351,6 +403,15 @@ func (s *Server) routes() http.Handler {
 		defer s.handlers.Done()
 		s.requests.Add(1)
 		w.Header().Set("X-Standin-Name", s.name)
+		if d := time.Duration(s.delay.Load()); d > 0 && !strings.HasPrefix(r.URL.Path, "/control/") {
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				t.Stop()
+				return
+			}
+		}
 		mux.ServeHTTP(w, r)
 	})
 }

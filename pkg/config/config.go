@@ -85,8 +85,10 @@ type Proxy struct {
 	TCPUserTimeout time.Duration `koanf:"tcp_user_timeout"`
 	// DrainTimeout is the time established connections get at shutdown (0 = close at once).
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
-	// CloseOnDown closes an upstream's connections when its probe marks it down.
+	// CloseOnDown closes an upstream's connections when it is down and another upstream is up.
 	CloseOnDown bool `koanf:"close_on_down"`
+	// CloseSpread is the window over which a down upstream's connections are closed (0 = all at once).
+	CloseSpread time.Duration `koanf:"close_spread"`
 	// Replay replays the client's handshake to another upstream if the first fails before answering.
 	Replay bool `koanf:"replay"`
 	// FirstByteTimeout bounds the wait for the upstream's first byte (0 = no limit).
@@ -181,6 +183,7 @@ func Defaults() Config {
 			TCPUserTimeout:    30 * time.Second,
 			DrainTimeout:      30 * time.Second,
 			CloseOnDown:       true,
+			CloseSpread:       5 * time.Second,
 			Replay:            true,
 			FirstByteTimeout:  5 * time.Second,
 			ReplayBufferBytes: 16384,

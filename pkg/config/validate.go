@@ -107,6 +107,7 @@ func (c Config) Validate() error {
 	checkNotNegative(&l, "proxy.tcp_user_timeout", c.Proxy.TCPUserTimeout)
 	checkNotNegative(&l, "proxy.drain_timeout", c.Proxy.DrainTimeout)
 	checkNotNegative(&l, "proxy.first_byte_timeout", c.Proxy.FirstByteTimeout)
+	checkNotNegative(&l, "proxy.close_spread", c.Proxy.CloseSpread)
 	if n := c.Proxy.ReplayBufferBytes; n < MinReplayBufferBytes || n > MaxReplayBufferBytes {
 		l.add("proxy.replay_buffer_bytes", n, "%d: must be between %d (1 KiB) and %d (1 MiB)",
 			n, MinReplayBufferBytes, MaxReplayBufferBytes)

@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/extractedprism/extractedprism/pkg/failure"
 	"github.com/extractedprism/extractedprism/pkg/metrics"
 	"github.com/extractedprism/extractedprism/pkg/probe"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
@@ -54,6 +55,13 @@ func newProber(g *errgroup.Group, parent context.Context, o probe.Options) *prob
 	return pr
 }
 
+// probeNow asks the running prober for a probe of addr at once.
+func (pr *prober) probeNow(addr string) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	pr.p.ProbeNow(addr)
+}
+
 func (pr *prober) setTargets(addrs []string) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
@@ -97,8 +105,8 @@ func (o observer) ConnClosed(u *upstream.Upstream, sent, received int64) {
 	}
 }
 
-func (o observer) DialFailed(u *upstream.Upstream, reason string) {
+func (o observer) DialFailed(u *upstream.Upstream, kind failure.Kind) {
 	if m := upstreamMetrics(u); m != nil {
-		m.DialFailed(reason)
+		m.DialFailed(kind)
 	}
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/extractedprism/extractedprism/pkg/admin"
 	"github.com/extractedprism/extractedprism/pkg/config"
 	"github.com/extractedprism/extractedprism/pkg/discovery"
+	"github.com/extractedprism/extractedprism/pkg/health"
 	"github.com/extractedprism/extractedprism/pkg/metrics"
 	"github.com/extractedprism/extractedprism/pkg/probe"
 	"github.com/extractedprism/extractedprism/pkg/proxy"
@@ -38,12 +39,6 @@ import (
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 	"github.com/extractedprism/extractedprism/pkg/version"
 )
-
-// unreadyGrace is how long connections of an upstream that answers its
-// probe with "not ready", refused a connect, or left the set may go on
-// before close_on_down closes them. A dead or hung upstream's connections
-// are closed at once.
-const unreadyGrace = 5 * time.Second
 
 // ListenFunc binds a TCP listener.
 type ListenFunc func(ctx context.Context, addr string, reusePort bool) (net.Listener, error)
@@ -81,6 +76,7 @@ type daemon struct {
 	log     *slog.Logger
 	set     *upstream.Set
 	proxy   *proxy.Server
+	policy  *health.Policy
 	met     *metrics.Metrics
 	disc    atomic.Pointer[discovery.Manager]
 	notify  *systemd.Notifier
@@ -138,6 +134,8 @@ func Run(ctx context.Context, o Options) error {
 	d.set = upstream.NewSet(upstream.Options{
 		Rise: cfg.Probe.Rise, Fall: cfg.Probe.Fall, Strategy: strategy,
 		OnTransition: d.onTransition,
+		// A failure seen on a client connection: a probe decides at once.
+		OnSuspect: func(u *upstream.Upstream) { d.prober.probeNow(u.Addr()) },
 		OnAdd: func(u *upstream.Upstream) {
 			src := d.set.SourceOf(u)
 			u.Attachment.Store(d.met.Upstream(u.Addr(), src))
@@ -146,19 +144,17 @@ func Run(ctx context.Context, o Options) error {
 		OnRemove: func(u *upstream.Upstream) {
 			d.met.ForgetUpstream(u.Addr())
 			d.log.Info("upstream removed", "upstream", u.Addr(), "connections", u.Active())
-			d.mu.Lock()
-			closeOnDown := d.cfg.Proxy.CloseOnDown
-			d.mu.Unlock()
-			if closeOnDown && u.Active() > 0 && d.set.SourceOf(u) != string(discovery.SourceStatic) {
-				// Gone from the cluster: move its clients to the
-				// apiservers that stay, after the grace. (A static
-				// endpoint removed from the configuration keeps its
-				// connections: an operator's edit drops nothing.)
-				d.closeLater(u, u.Removed)
+			if u.Active() > 0 && d.set.SourceOf(u) != string(discovery.SourceStatic) {
+				// Gone from the cluster: its clients move to the
+				// apiservers that stay. (A static endpoint removed from
+				// the configuration keeps its connections: an
+				// operator's edit drops nothing.)
+				d.policy.Removed(u)
 			}
 		},
 	})
 	d.proxy = proxy.New(d.proxyOptions(cfg))
+	d.policy = health.New(d.policyOptions(cfg))
 
 	// Bind before anything runs, so a clash is a clear start-up error.
 	ln, err := d.bind(ctx, cfg.ListenAddr(), cfg.Listen.ReusePort, "listen")
@@ -192,6 +188,7 @@ func Run(ctx context.Context, o Options) error {
 	// Know the static endpoints before the first connection can arrive;
 	// discovery then adds the state file and the cluster's endpoints.
 	d.prober = newProber(g, gctx, d.proberOptions(cfg))
+	g.Go(func() error { return d.policy.Run(gctx) })
 	static := make([]upstream.Endpoint, len(cfg.Endpoints))
 	for i, e := range cfg.Endpoints {
 		static[i] = upstream.Endpoint{Address: e, Source: string(discovery.SourceStatic)}
@@ -296,6 +293,16 @@ func (d *daemon) proxyOptions(cfg config.Config) proxy.Options {
 	}
 }
 
+func (d *daemon) policyOptions(cfg config.Config) health.Options {
+	return health.Options{
+		Set:         d.set,
+		Closer:      d.proxy,
+		CloseOnDown: cfg.Proxy.CloseOnDown,
+		Spread:      cfg.Proxy.CloseSpread,
+		Logger:      d.log.With("component", "health"),
+	}
+}
+
 func (d *daemon) proberOptions(cfg config.Config) probe.Options {
 	pc := cfg.Probe
 	var tlsConf *tls.Config
@@ -382,53 +389,14 @@ func (d *daemon) onTransition(t upstream.Transition) {
 	if m := upstreamMetrics(t.Upstream); m != nil {
 		m.SetHealthy(t.To == upstream.Up)
 	}
-	cause := "probe"
-	if t.Cause == upstream.CauseDial {
-		cause = "connect"
-	}
 	lvl := slog.LevelInfo
 	if t.To == upstream.Down {
 		lvl = slog.LevelWarn
 	}
 	d.log.Log(context.Background(), lvl, "upstream "+t.To.String(), "upstream", t.Upstream.Addr(),
-		"source", t.Source, "from", t.From.String(), "cause", cause, "reason", t.Reason)
-	d.mu.Lock()
-	closeOnDown := d.cfg.Proxy.CloseOnDown
-	d.mu.Unlock()
-	if t.To == upstream.Down && closeOnDown {
-		u := t.Upstream
-		switch {
-		case t.Cause == upstream.CauseProbe && !errors.Is(t.Err, probe.ErrStatus):
-			// Dead or hung: nothing on it will complete.
-			d.proxy.UpstreamDown(u)
-		case t.Cause == upstream.CauseProbe:
-			// It answers "not ready" (a terminating apiserver in its
-			// shutdown delay): no new connections go there, requests in
-			// flight get unreadyGrace, then the rest (watches) is closed
-			// unless it came back.
-			d.closeLater(u, func() bool { return d.set.StateOf(u) == upstream.Down })
-		default:
-			// A connect failed (its listener closed, or a lost SYN):
-			// after the grace, close only if a probe since then failed
-			// too, so a transient failure cuts nothing.
-			since := time.Now()
-			d.closeLater(u, func() bool {
-				st, ok := d.set.ProbeResult(u)
-				return d.set.StateOf(u) == upstream.Down && st.After(since) && !ok
-			})
-		}
-	}
+		"source", t.Source, "from", t.From.String(), "cause", t.Cause.String(), "reason", t.Reason)
+	d.policy.Transition(t)
 	d.updateStatusLine()
-}
-
-// closeLater closes u's connections after unreadyGrace if still() holds
-// then.
-func (d *daemon) closeLater(u *upstream.Upstream, still func() bool) {
-	time.AfterFunc(unreadyGrace, func() {
-		if still() {
-			d.proxy.UpstreamDown(u)
-		}
-	})
 }
 
 // adminHost returns the host the admin server of cfg binds.
@@ -703,6 +671,7 @@ func (d *daemon) apply(next config.Config) {
 	strategy, _ := upstream.ParseStrategy(next.Balance.Strategy)
 	d.set.SetThresholds(next.Probe.Rise, next.Probe.Fall, strategy)
 	d.proxy.SetOptions(d.proxyOptions(next))
+	d.policy.SetOptions(d.policyOptions(next))
 	if !reflect.DeepEqual(next.Probe, prev.Probe) {
 		d.prober.restart(d.proberOptions(next))
 		d.log.Info("probe settings changed; prober restarted", "mode", next.Probe.Mode, "interval", next.Probe.Interval)

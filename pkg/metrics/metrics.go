@@ -23,22 +23,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 // Namespace prefixes every metric name.
 const Namespace = "extractedprism"
 
-// Dial failure reasons, the values of the reason label of
-// extractedprism_upstream_dial_failures_total.
-const (
-	ReasonRefused = "refused"
-	ReasonTimeout = "timeout"
-	ReasonOther   = "other"
-)
-
-// reasons lists the dial failure reasons in label order; every upstream
-// exports all of them (starting at 0) so rate() sees the first failure.
-var reasons = [...]string{ReasonRefused, ReasonTimeout, ReasonOther}
+// reasons lists the dial failure kinds that are values of the reason label
+// of extractedprism_upstream_dial_failures_total, in label order; every
+// upstream exports all of them (starting at 0) so rate() sees the first
+// failure. Any other kind counts as failure.Other.
+var reasons = [...]failure.Kind{failure.Refused, failure.Timeout, failure.Other}
 
 // LatencyBuckets are the histogram buckets (seconds) of probe and dial
 // durations: from loopback (sub-millisecond) to the default 2 s timeout and
@@ -320,7 +316,7 @@ func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(u.active.Load()), addr, src)
 		ch <- prometheus.MustNewConstMetric(c.connections, prometheus.CounterValue, float64(u.connections.Load()), addr, src)
 		for i, r := range reasons {
-			ch <- prometheus.MustNewConstMetric(c.dialFailures, prometheus.CounterValue, float64(u.dialFailures[i].Load()), addr, src, r)
+			ch <- prometheus.MustNewConstMetric(c.dialFailures, prometheus.CounterValue, float64(u.dialFailures[i].Load()), addr, src, r.String())
 		}
 		count, sum, buckets := u.probes.snapshot()
 		ch <- prometheus.MustNewConstHistogram(c.probeDuration, count, sum, buckets, addr, src)

@@ -8,6 +8,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 var testBuild = BuildInfo{Version: "v1.2.3", Commit: "abc1234", GoVersion: "go1.26.8"}
@@ -40,7 +42,7 @@ func exercise(m *Metrics) {
 	u.SetHealthy(true)
 	u.ConnOpened()
 	u.ConnClosed(100, 2000)
-	u.DialFailed(ReasonRefused)
+	u.DialFailed(failure.Refused)
 	u.ProbeDone(true, 4*time.Millisecond, t0)
 	u.ProbeDone(false, 2*time.Second, t0.Add(time.Second))
 }
@@ -208,10 +210,10 @@ func TestUpstreamSeries(t *testing.T) {
 	}
 	a.ConnClosed(1000, 50000)
 	a.ConnClosed(24, 0)
-	b.DialFailed(ReasonRefused)
-	b.DialFailed(ReasonRefused)
-	b.DialFailed(ReasonTimeout)
-	b.DialFailed("no route to host")
+	b.DialFailed(failure.Refused)
+	b.DialFailed(failure.Refused)
+	b.DialFailed(failure.Timeout)
+	b.DialFailed(failure.Unready)
 	a.ProbeDone(true, 7812500*time.Nanosecond, at) // exact in binary: 2^-7 s
 	a.ProbeDone(true, 62500*time.Microsecond, at.Add(2*time.Second))
 	b.ProbeDone(false, 2*time.Second, at.Add(3*time.Second))
@@ -415,7 +417,7 @@ func TestNilIsNoOp(t *testing.T) {
 	u.SetHealthy(true)
 	u.ConnOpened()
 	u.ConnClosed(1, 1)
-	u.DialFailed(ReasonOther)
+	u.DialFailed(failure.Other)
 	u.ProbeDone(true, time.Second, time.Now())
 }
 
@@ -479,7 +481,7 @@ func TestHotPathDoesNotAllocate(t *testing.T) {
 	allocs := testing.AllocsPerRun(1000, func() {
 		u.ConnOpened()
 		u.ConnClosed(512, 4096)
-		u.DialFailed(ReasonTimeout)
+		u.DialFailed(failure.Timeout)
 		m.Accepted()
 		m.DialDuration(time.Millisecond)
 	})

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 // UpstreamMetrics holds the counters of one upstream. Get it from
@@ -59,19 +61,18 @@ func (u *UpstreamMetrics) ConnClosed(sentBytes, receivedBytes int64) {
 	}
 }
 
-// DialFailed counts a failed connect to the upstream. reason is
-// ReasonRefused, ReasonTimeout or ReasonOther; anything else counts as
-// ReasonOther.
-func (u *UpstreamMetrics) DialFailed(reason string) {
+// DialFailed counts a failed connect to the upstream, or a connection it
+// failed before its first byte, by kind; kinds without a label of their
+// own count as failure.Other.
+func (u *UpstreamMetrics) DialFailed(kind failure.Kind) {
 	if u == nil {
 		return
 	}
-	i := 2
-	switch reason {
-	case ReasonRefused:
-		i = 0
-	case ReasonTimeout:
-		i = 1
+	i := len(reasons) - 1
+	for j, r := range reasons {
+		if r == kind {
+			i = j
+		}
 	}
 	u.dialFailures[i].Add(1)
 }

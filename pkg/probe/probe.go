@@ -4,7 +4,8 @@
 // single kept-alive connection that every probe reuses (a TLS handshake per
 // probe is real load on an apiserver when thousands of nodes probe it); in
 // TCP mode a probe is a connect. Results go to a Reporter, which
-// upstream.Set satisfies.
+// upstream.Set satisfies. ProbeNow asks for an out-of-turn probe, to
+// confirm or clear a failure the proxy saw on a client connection.
 package probe
 
 import (
@@ -19,8 +20,9 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 // Mode is the kind of health check.
@@ -106,7 +108,14 @@ type target struct {
 	cancel context.CancelFunc
 	client *http.Client
 	tr     *http.Transport
+	// now asks the target's loop for a probe at once (capacity 1: asks
+	// made while one is pending merge into it).
+	now chan struct{}
 }
+
+// minProbeGap is the shortest time between the start of one probe of a
+// target and the next, however often ProbeNow asks.
+const minProbeGap = 100 * time.Millisecond
 
 // New returns a Prober; nothing runs until Run.
 func New(o Options) *Prober {
@@ -141,7 +150,7 @@ func (p *Prober) setLocked(addrs []string) {
 			continue
 		}
 		ctx, cancel := context.WithCancel(p.runCtx)
-		t := &target{addr: a, cancel: cancel}
+		t := &target{addr: a, cancel: cancel, now: make(chan struct{}, 1)}
 		if p.opts.Mode == HTTPS {
 			t.tr = p.transport()
 			t.client = &http.Client{Transport: t.tr, CheckRedirect: func(*http.Request, []*http.Request) error {
@@ -177,6 +186,19 @@ func (p *Prober) transport() *http.Transport {
 	}
 }
 
+// ProbeNow asks for a probe of addr at once (at most one per
+// minProbeGap); it does nothing if addr is not a target.
+func (p *Prober) ProbeNow(addr string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if t := p.targets[addr]; t != nil {
+		select {
+		case t.now <- struct{}{}:
+		default:
+		}
+	}
+}
+
 // Run probes until ctx is done, then stops every target goroutine and waits
 // for them. It returns nil.
 func (p *Prober) Run(ctx context.Context) error {
@@ -207,19 +229,27 @@ func (p *Prober) loop(ctx context.Context, t *target) {
 	}()
 	timer := time.NewTimer(0) // first probe at once
 	defer timer.Stop()
+	var last time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-timer.C:
+		case <-t.now:
+			if gap := time.Until(last.Add(minProbeGap)); gap > 0 {
+				timer.Reset(gap)
+				continue
+			}
+			timer.Stop()
 		}
 		start := time.Now()
+		last = start
 		err := p.once(ctx, t)
 		d := time.Since(start)
 		if ctx.Err() != nil {
 			return // cancelled mid-probe: not a verdict on the upstream
 		}
-		if localExhaustion(err) {
+		if failure.LocalExhaustion(err) {
 			// Out of descriptors here: not a verdict on the upstream.
 			p.opts.Logger.Warn("probe skipped: local resources exhausted", "upstream", t.addr, "err", err)
 			timer.Reset(p.next())
@@ -251,15 +281,19 @@ func (p *Prober) next() time.Duration {
 	return time.Duration(float64(iv) * f)
 }
 
-// localExhaustion reports errors that are this host's shortage, not the
-// upstream's failure.
-func localExhaustion(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+// noAnswer is the error of a probe that got no answer within the timeout;
+// failure.Classify sees it as a timeout.
+type noAnswer struct {
+	path    string
+	timeout time.Duration
 }
 
-// ErrStatus is wrapped by errors for non-200 probe answers.
-var ErrStatus = errors.New("unhealthy status")
+func (e noAnswer) Error() string {
+	return fmt.Sprintf("probe %s: no answer within %s", e.path, e.timeout)
+}
+
+// Timeout reports true: the upstream did not answer in time.
+func (noAnswer) Timeout() bool { return true }
 
 func (p *Prober) once(ctx context.Context, t *target) error {
 	ctx, cancel := context.WithTimeout(ctx, p.opts.Timeout)
@@ -280,7 +314,7 @@ func (p *Prober) once(ctx context.Context, t *target) error {
 	resp, err := t.client.Do(req)
 	if err != nil {
 		if ctx.Err() != nil && errors.Is(err, context.DeadlineExceeded) {
-			return fmt.Errorf("probe %s: no answer within %s", p.opts.Path, p.opts.Timeout)
+			return noAnswer{path: p.opts.Path, timeout: p.opts.Timeout}
 		}
 		return fmt.Errorf("probe %s: %w", p.opts.Path, err)
 	}
@@ -288,7 +322,7 @@ func (p *Prober) once(ctx context.Context, t *target) error {
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("probe %s: %w %d", p.opts.Path, ErrStatus, resp.StatusCode)
+		return fmt.Errorf("probe %s: %w %d", p.opts.Path, failure.ErrUnready, resp.StatusCode)
 	}
 	return nil
 }

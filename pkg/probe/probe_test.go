@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -112,7 +114,7 @@ func TestHTTPSUnhealthyStatus(t *testing.T) {
 	run(t, Options{Interval: 20 * time.Millisecond, Reporter: rec}, addr)
 	waitFor(t, "a probe result", 10*time.Second, func() bool { return len(rec.results(addr)) >= 1 })
 	r := rec.results(addr)[0]
-	if r.ok || !errors.Is(r.err, ErrStatus) || !strings.Contains(r.err.Error(), "500") {
+	if r.ok || !errors.Is(r.err, failure.ErrUnready) || !strings.Contains(r.err.Error(), "500") {
 		t.Fatalf("result = %+v, want failure naming status 500", r)
 	}
 }

@@ -3,11 +3,20 @@
 //
 // A Server owns its accept loops (one per listener given to Serve), one
 // goroutine pair per proxied connection, and the optional rebalancer; Run
-// stops and waits for all of them. A failed connect marks the upstream down
-// and the same client connection is tried on the next upstream. Until an
-// upstream has sent its first byte, a client's TLS handshake is kept and may
-// be replayed to another upstream (see replay.go); after that the bytes flow
-// through io.Copy between *net.TCPConn values, which the kernel splices.
+// stops and waits for all of them. A failed connect is reported to the
+// upstream set as a passive failure (a probe then decides whether the
+// upstream is down) and the same client connection is tried on the next
+// upstream. Until an upstream has sent its first byte, a client's TLS
+// handshake is kept and may be replayed to another upstream (see
+// replay.go); after that the bytes flow through io.Copy between
+// *net.TCPConn values, which the kernel splices.
+//
+// Connections are tracked from the moment they are accepted, indexed by the
+// upstream they ride on, so that closing one upstream's connections
+// (CloseUpstream, rebalancing) touches only those, and so that shutdown
+// never waits on a connection it has not cut. The Server never decides on
+// its own to close connections of a down upstream: the health policy
+// (package health) asks it to, through CloseUpstream.
 package proxy
 
 import (
@@ -16,12 +25,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/extractedprism/extractedprism/pkg/failure"
 	"github.com/extractedprism/extractedprism/pkg/ratelog"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
@@ -46,7 +58,9 @@ type Observer interface {
 	DialDuration(d time.Duration)
 	ConnOpened(u *upstream.Upstream)
 	ConnClosed(u *upstream.Upstream, sent, received int64)
-	DialFailed(u *upstream.Upstream, reason string)
+	// DialFailed: a connect to u failed, or u failed a connection before
+	// its first byte (after the client had sent bytes).
+	DialFailed(u *upstream.Upstream, kind failure.Kind)
 }
 
 // Options configure a Server. Zero values get the defaults documented per
@@ -69,8 +83,9 @@ type Options struct {
 	// Replay enables handshake replay before the first upstream byte.
 	Replay bool
 	// FirstByteTimeout is how long an upstream may stay silent after the
-	// client's first bytes before the handshake is replayed elsewhere
-	// (0 = no limit). Only used with Replay.
+	// client's first bytes before the handshake is replayed to another
+	// upstream that is up and answers its probes, if there is one (0 = no
+	// limit). Only used with Replay.
 	FirstByteTimeout time.Duration
 	// ReplayBufferBytes bounds the kept handshake (default 16 KiB).
 	ReplayBufferBytes int
@@ -127,8 +142,11 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]*acceptLoop
 	conns     map[*conn]struct{}
-	shutdown  bool
-	idle      chan struct{} // closed and replaced when conns becomes empty
+	// byUp indexes conns by the upstream they ride on (nil: connecting).
+	byUp     map[*upstream.Upstream]map[*conn]struct{}
+	shutdown bool
+	idle     chan struct{} // closed and replaced when conns becomes empty
+	stopping chan struct{} // closed when shutdown begins
 
 	// rlog logs bursts of identical failures once per window with a count.
 	rlog *ratelog.Limiter
@@ -163,6 +181,8 @@ func New(o Options) *Server {
 		set:       o.Set,
 		listeners: map[net.Listener]*acceptLoop{},
 		conns:     map[*conn]struct{}{},
+		byUp:      map[*upstream.Upstream]map[*conn]struct{}{},
+		stopping:  make(chan struct{}),
 	}
 	o = o.withDefaults()
 	s.opts.Store(&o)
@@ -265,6 +285,7 @@ func (s *Server) drain() {
 	o := s.opts.Load()
 	s.mu.Lock()
 	s.shutdown = true
+	close(s.stopping)
 	loops := make([]*acceptLoop, 0, len(s.listeners))
 	for ln, al := range s.listeners {
 		loops = append(loops, al)
@@ -314,30 +335,80 @@ func (s *Server) idleChan() chan struct{} {
 	return s.idle
 }
 
-// UpstreamDown closes every connection riding on u. The daemon calls it
-// when a probe marks u down and close_on_down is set, so long-lived
-// watches reconnect to a healthy apiserver instead of hanging. A
-// connection still waiting for u's first byte loses only its upstream leg:
-// its handshake is replayed to another upstream.
-func (s *Server) UpstreamDown(u *upstream.Upstream) int {
-	s.mu.Lock()
-	var waiting []*conn
-	for c := range s.conns {
-		if c.upstream() == u && c.replaying.Load() {
+// CloseUpstream closes the connections riding on u, each at its own
+// random moment within spread (0: all at once), so that their clients do
+// not all reconnect in the same instant; before each close it asks still()
+// and stops when it says no (u came back, or nowhere better is left). A
+// connection still waiting for u's first byte loses only its upstream leg,
+// at once: its handshake is replayed to another upstream, which its client
+// never notices. CloseUpstream returns when it is done, when still() says
+// no, or when ctx ends or shutdown begins; it reports how many client
+// connections it closed and whether it got through all of them.
+func (s *Server) CloseUpstream(ctx context.Context, u *upstream.Upstream, spread time.Duration, still func() bool) (closed int, complete bool) {
+	o := s.opts.Load()
+	if !still() {
+		return 0, false
+	}
+	var waiting, riding []*conn
+	for _, c := range s.connsOn(u) {
+		if c.replaying.Load() {
 			waiting = append(waiting, c)
+		} else {
+			riding = append(riding, c)
 		}
 	}
-	s.mu.Unlock()
 	for _, c := range waiting {
 		c.closeUpstreamLeg()
 	}
-	n := s.closeConns(func(c *conn) bool { return c.upstream() == u && !c.replaying.Load() }, reasonDown)
-	if n > 0 {
-		o := s.opts.Load()
-		o.Observer.ClosedOnDown(n)
-		o.Logger.Info("closed connections of a down upstream", "upstream", u.Addr(), "connections", n)
+	start := o.Now()
+	offsets := make([]time.Duration, len(riding))
+	for i := range offsets {
+		if spread > 0 {
+			offsets[i] = time.Duration(rand.Int64N(int64(spread))) //nolint:gosec // jitter needs no crypto randomness
+		}
 	}
-	return n
+	slices.Sort(offsets)
+	complete = true
+	for i, c := range riding {
+		if wait := offsets[i] - o.Now().Sub(start); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				complete = false
+			case <-s.stopping:
+				complete = false
+			case <-t.C:
+			}
+			t.Stop()
+			if !complete {
+				break
+			}
+		}
+		if !still() {
+			complete = false
+			break
+		}
+		if c.upstream() == u && c.kill(reasonDown) {
+			closed++
+			o.Observer.ClosedOnDown(1)
+		}
+	}
+	if closed > 0 {
+		o.Logger.Info("closed connections of a down upstream", "upstream", u.Addr(), "connections", closed,
+			"over", o.Now().Sub(start).Round(time.Millisecond), "complete", complete)
+	}
+	return closed, complete
+}
+
+// connsOn returns the connections riding on u now, in no set order.
+func (s *Server) connsOn(u *upstream.Upstream) []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*conn, 0, len(s.byUp[u]))
+	for c := range s.byUp[u] {
+		out = append(out, c)
+	}
+	return out
 }
 
 func (s *Server) closeConns(match func(*conn) bool, reason string) int {
@@ -349,28 +420,77 @@ func (s *Server) closeConns(match func(*conn) bool, reason string) int {
 		}
 	}
 	s.mu.Unlock()
+	n := 0
 	for _, c := range victims {
-		c.kill(reason)
+		if c.kill(reason) {
+			n++
+		}
 	}
-	return len(victims)
+	return n
 }
 
-func (s *Server) track(c *conn) {
+// track starts tracking c, or reports false once shutdown has begun (the
+// caller then closes it): shutdown never waits on a connection it cannot
+// see.
+func (s *Server) track(c *conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.shutdown {
+		return false
+	}
 	s.conns[c] = struct{}{}
+	s.index(c, nil)
 	s.active.Add(1)
+	return true
 }
 
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, c)
+	c.mu.Lock()
+	s.unindex(c, c.u)
+	c.mu.Unlock()
 	s.active.Add(-1)
 	if len(s.conns) == 0 && s.idle != nil {
 		close(s.idle)
 		s.idle = nil
 	}
+}
+
+// index and unindex maintain byUp; s.mu must be held.
+func (s *Server) index(c *conn, u *upstream.Upstream) {
+	m := s.byUp[u]
+	if m == nil {
+		m = map[*conn]struct{}{}
+		s.byUp[u] = m
+	}
+	m[c] = struct{}{}
+}
+
+func (s *Server) unindex(c *conn, u *upstream.Upstream) {
+	if m := s.byUp[u]; m != nil {
+		delete(m, c)
+		if len(m) == 0 {
+			delete(s.byUp, u)
+		}
+	}
+}
+
+// assign makes c ride on u through up. It reports false if c has been
+// killed meanwhile; the caller then closes up.
+func (s *Server) assign(c *conn, u *upstream.Upstream, up net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := s.conns[c]; ok {
+		s.unindex(c, c.u)
+		s.index(c, u)
+	}
+	c.u, c.up = u, up
+	c.moved = false
+	return c.killed == ""
 }
 
 // acceptLoop accepts until its listener is closed. Temporary failures
@@ -414,8 +534,13 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 		if s.acceptErr.Load() != nil {
 			s.acceptErr.Store(nil)
 		}
+		pc := newConn(c, s.opts.Load().Now())
+		if !s.track(pc) {
+			_ = c.Close() // shutting down
+			continue
+		}
 		s.wg.Add(1)
-		go s.handle(c)
+		go s.handle(pc)
 	}
 }
 
@@ -434,14 +559,25 @@ const (
 type conn struct {
 	client net.Conn
 	start  time.Time
+	// ctx ends when the connection is killed; dials for it use it.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	// replaying is true until the upstream's first byte (replay phase).
 	replaying atomic.Bool
 
-	mu     sync.Mutex
-	up     net.Conn
-	u      *upstream.Upstream
+	mu sync.Mutex
+	up net.Conn
+	u  *upstream.Upstream
+	// moved: the balancer closed the upstream leg to move the connection
+	// (replay phase); that close is no failure of the upstream.
+	moved  bool
 	killed string
+}
+
+func newConn(client net.Conn, now time.Time) *conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &conn{client: client, start: now, ctx: ctx, cancel: cancel}
 }
 
 // closeUpstreamLeg closes the upstream side only; the replay path then
@@ -449,10 +585,21 @@ type conn struct {
 func (c *conn) closeUpstreamLeg() {
 	c.mu.Lock()
 	up := c.up
+	if up != nil {
+		c.moved = true
+	}
 	c.mu.Unlock()
 	if up != nil {
 		_ = up.Close()
 	}
+}
+
+// movedByBalancer reports whether the upstream leg up was closed by
+// closeUpstreamLeg.
+func (c *conn) movedByBalancer(up net.Conn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.moved && c.up == up
 }
 
 func (c *conn) upstream() *upstream.Upstream {
@@ -461,25 +608,22 @@ func (c *conn) upstream() *upstream.Upstream {
 	return c.u
 }
 
-func (c *conn) setUpstream(u *upstream.Upstream, up net.Conn) bool {
+// kill closes both legs; the copy goroutines then end. It reports whether
+// this call killed c (false if it was killed before).
+func (c *conn) kill(reason string) bool {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.u, c.up = u, up
-	return c.killed == ""
-}
-
-// kill closes both legs; the copy goroutines then end.
-func (c *conn) kill(reason string) {
-	c.mu.Lock()
-	if c.killed == "" {
+	first := c.killed == ""
+	if first {
 		c.killed = reason
 	}
 	up := c.up
 	c.mu.Unlock()
+	c.cancel()
 	_ = c.client.Close()
 	if up != nil {
 		_ = up.Close()
 	}
+	return first
 }
 
 func (c *conn) killReason() string {
@@ -488,36 +632,38 @@ func (c *conn) killReason() string {
 	return c.killed
 }
 
-func (s *Server) handle(client net.Conn) {
+func (s *Server) handle(c *conn) {
 	defer s.wg.Done()
+	defer s.untrack(c)
+	defer c.cancel()
+	client := c.client
+	defer func() { _ = client.Close() }()
 	o := s.opts.Load()
 	o.Observer.Accepted()
-	c := &conn{client: client, start: o.Now()}
-	s.track(c)
-	defer s.untrack(c)
-	defer func() { _ = client.Close() }()
 	tuneConn(client, o)
 
 	tried := make(map[*upstream.Upstream]bool, 4)
-	up, u, err := s.dialNext(o, tried)
+	up, u, err := s.dialNext(o, c, tried, false)
 	if err != nil {
-		o.Observer.NoUpstream()
-		s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable", "reason", err)
+		if c.killReason() == "" {
+			o.Observer.NoUpstream()
+			s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable", "reason", err)
+		}
 		return
 	}
-	if !c.setUpstream(u, up) {
+	if !s.assign(c, u, up) {
 		_ = up.Close()
+		u.Release()
 		return
 	}
 	if len(tried) > 1 {
 		o.Observer.Failover() // once per connection, however many tries
 	}
+	o.Observer.ConnOpened(u)
 	if o.Replay {
 		s.pipeReplay(o, c, up, u, tried)
 		return
 	}
-	u.Acquire()
-	o.Observer.ConnOpened(u)
 	sent, recv := pipe(client, up)
 	u.Release()
 	o.Observer.ConnClosed(u, sent, recv)
@@ -527,13 +673,26 @@ func (s *Server) handle(client net.Conn) {
 
 var errNoUpstream = errors.New("no upstream reachable")
 
-// dialNext dials upstreams not tried yet, healthy ones first, until one
-// answers. Each failure marks that upstream down at once.
-// tried collects every upstream attempted for this client connection.
-func (s *Server) dialNext(o *Options, tried map[*upstream.Upstream]bool) (net.Conn, *upstream.Upstream, error) {
+// dialNext dials upstreams not tried yet for c, healthy ones first (only
+// answering ones, see Set.PickAnswering, with answering), until one
+// answers. Each failure is reported to the
+// set as a passive failure. tried collects every upstream attempted for
+// this client connection. The upstream returned has its place in Active
+// reserved (Pick) and its connection counted (Opened); the caller gives
+// the place back with Release.
+func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool, answering bool) (net.Conn, *upstream.Upstream, error) {
 	var errs []error
+	exclude := func(x *upstream.Upstream) bool { return tried[x] }
 	for {
-		u := s.set.Pick(func(x *upstream.Upstream) bool { return tried[x] })
+		if c.ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("%w: the connection was closed", errNoUpstream)
+		}
+		var u *upstream.Upstream
+		if answering {
+			u = s.set.PickAnswering(exclude)
+		} else {
+			u = s.set.Pick(exclude)
+		}
 		if u == nil {
 			if len(errs) == 0 {
 				return nil, nil, fmt.Errorf("%w: no upstream configured or all tried", errNoUpstream)
@@ -541,45 +700,30 @@ func (s *Server) dialNext(o *Options, tried map[*upstream.Upstream]bool) (net.Co
 			return nil, nil, fmt.Errorf("%w: %w", errNoUpstream, errors.Join(errs...))
 		}
 		tried[u] = true
-		ctx, cancel := context.WithTimeout(context.Background(), o.DialTimeout)
+		ctx, cancel := context.WithTimeout(c.ctx, o.DialTimeout)
 		start := o.Now()
 		up, err := o.Dial(ctx, "tcp", u.Addr())
 		cancel()
 		o.Observer.DialDuration(o.Now().Sub(start))
 		if err == nil {
+			u.Opened()
 			tuneConn(up, o)
 			return up, u, nil
 		}
-		if localExhaustion(err) {
+		u.Release()
+		if c.ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("%w: the connection was closed", errNoUpstream)
+		}
+		if failure.LocalExhaustion(err) {
 			// Out of descriptors here: not the upstream's fault, and no
 			// other upstream would do better.
 			return nil, nil, fmt.Errorf("%w: %s: %w", errNoUpstream, u.Addr(), err)
 		}
-		reason := dialReason(err)
-		o.Observer.DialFailed(u, reason)
-		s.set.MarkDown(u, fmt.Sprintf("connect failed (%s): %v", reason, err))
+		kind := failure.Classify(err)
+		o.Observer.DialFailed(u, kind)
+		s.set.Passive(u, fmt.Sprintf("connect failed (%s): %v", kind, err))
 		errs = append(errs, fmt.Errorf("%s: %w", u.Addr(), err))
 	}
-}
-
-// localExhaustion reports errors that are this process's or host's
-// shortage (descriptors, buffers), not the upstream's failure.
-func localExhaustion(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
-}
-
-// dialReason classifies a connect error for metrics.
-func dialReason(err error) string {
-	var ne net.Error
-	switch {
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return "refused"
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT),
-		errors.As(err, &ne) && ne.Timeout():
-		return "timeout"
-	}
-	return "other"
 }
 
 // tuneConn applies keepalive and TCP_USER_TIMEOUT to a TCP connection.
@@ -644,4 +788,4 @@ func (nopObserver) Rebalanced()                                 {}
 func (nopObserver) DialDuration(time.Duration)                  {}
 func (nopObserver) ConnOpened(*upstream.Upstream)               {}
 func (nopObserver) ConnClosed(*upstream.Upstream, int64, int64) {}
-func (nopObserver) DialFailed(*upstream.Upstream, string)       {}
+func (nopObserver) DialFailed(*upstream.Upstream, failure.Kind) {}

@@ -169,6 +169,25 @@ func startProxy(t *testing.T, o Options, addrs []string, up ...string) *harness 
 	return h
 }
 
+// dialEchoed opens n connections through an echoing upstream, each proven
+// by a round trip; they are closed when the test ends.
+func (h *harness) dialEchoed(t *testing.T, n int) []*net.TCPConn {
+	t.Helper()
+	out := make([]*net.TCPConn, n)
+	for i := range out {
+		c := h.dial(t)
+		t.Cleanup(func() { _ = c.Close() })
+		_, _ = c.Write([]byte("p"))
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Time{})
+		out[i] = c
+	}
+	return out
+}
+
 func (h *harness) dial(t *testing.T) *net.TCPConn {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", h.ln.Addr().String(), 5*time.Second)
@@ -262,9 +281,11 @@ func TestFailedDialFailsOverWithinTheConnection(t *testing.T) {
 			t.Fatalf("connection %d: got %q, %v; want the echo from the live upstream", i, got, err)
 		}
 	}
+	// A failed connect makes an upstream suspect (a probe decides whether
+	// it is down); later connections go to the others first.
 	for _, st := range h.set.Snapshot() {
-		if st.Address != b.addr() && st.State != upstream.Down {
-			t.Errorf("refusing upstream %s is %v, want down after a failed dial", st.Address, st.State)
+		if st.Address != b.addr() && (!st.Suspect || st.Failures < 1 || st.Failures > 2) {
+			t.Errorf("refusing upstream %s = %+v, want suspect after one or two failed dials, then avoided", st.Address, st)
 		}
 	}
 }
@@ -331,23 +352,41 @@ func TestReplayAfterResetBeforeFirstByte(t *testing.T) {
 	if replays.Load() != 1 || bad.accepted.Load() != 1 {
 		t.Fatalf("replays = %d, accepts on the resetting upstream = %d; want 1 and 1", replays.Load(), bad.accepted.Load())
 	}
-	if st := h.set.Snapshot(); st[0].State != upstream.Down && st[1].State != upstream.Down {
-		t.Fatalf("resetting upstream not marked down: %+v", st)
+	if st := h.set.Lookup(bad.addr()); !h.set.Snapshot()[indexOf(h.set, st)].Suspect {
+		t.Fatalf("resetting upstream not suspect: %+v", h.set.Snapshot())
 	}
+}
+
+func indexOf(set *upstream.Set, u *upstream.Upstream) int {
+	for i, x := range set.Upstreams() {
+		if x == u {
+			return i
+		}
+	}
+	return -1
 }
 
 func TestReplayAfterFirstByteTimeout(t *testing.T) {
 	hung := startBackend(t, "tcp", "127.0.0.1:0", hang)
 	_, good := tlsBackend(t)
-	h := startProxy(t, Options{Replay: true, FirstByteTimeout: 300 * time.Millisecond},
-		[]string{hung.addr(), good}, hung.addr())
+	var replays atomic.Int32
+	h := startProxy(t, Options{Replay: true, FirstByteTimeout: 300 * time.Millisecond, Observer: countReplays{n: &replays}},
+		[]string{hung.addr(), good}, hung.addr(), good)
+	// Make the healthy one busier so that the hung one is picked first.
+	h.set.SetThresholds(2, 2, upstream.LeastConnections)
+	g := h.set.Pick(func(u *upstream.Upstream) bool { return u.Addr() != good })
+	defer g.Release()
 	start := time.Now()
 	body, err := getThrough(t, h.ln.Addr().String())
 	if err != nil || body != "from-tls-backend" {
 		t.Fatalf("GET through proxy = %q, %v; want the answer of the healthy upstream", body, err)
 	}
-	if el := time.Since(start); el < 300*time.Millisecond {
-		t.Fatalf("answered after %s: the hung upstream was not tried first", el)
+	if el := time.Since(start); el < 300*time.Millisecond || replays.Load() != 1 {
+		t.Fatalf("answered after %s with %d replays: the hung upstream was not tried first", el, replays.Load())
+	}
+	st := h.set.Snapshot()[indexOf(h.set, h.set.Lookup(hung.addr()))]
+	if st.State != upstream.Up || !st.Suspect {
+		t.Fatalf("hung upstream = %+v; want up and suspect (one passive failure, a probe decides)", st)
 	}
 }
 
@@ -392,28 +431,18 @@ func TestTLSHandshakeOnly(t *testing.T) {
 	}
 }
 
-func TestUpstreamDownClosesItsConnections(t *testing.T) {
+func TestCloseUpstreamClosesOnlyItsConnections(t *testing.T) {
 	a := startBackend(t, "tcp", "127.0.0.1:0", echo)
 	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
 	var closed atomic.Int32
 	h := startProxy(t, Options{Observer: countClosedOnDown{n: &closed}}, []string{a.addr(), b.addr()}, a.addr(), b.addr())
-	var conns []*net.TCPConn
-	for range 4 {
-		c := h.dial(t)
-		defer func() { _ = c.Close() }()
-		_, _ = c.Write([]byte("p"))
-		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
-	}
+	conns := h.dialEchoed(t, 4)
 	ua := h.set.Lookup(a.addr())
 	if ua.Active() != 2 {
 		t.Fatalf("a has %d connections, want 2 of 4 (round-robin)", ua.Active())
 	}
-	if n := h.srv.UpstreamDown(ua); n != 2 {
-		t.Fatalf("UpstreamDown closed %d, want 2", n)
+	if n, complete := h.srv.CloseUpstream(context.Background(), ua, 0, func() bool { return true }); n != 2 || !complete {
+		t.Fatalf("CloseUpstream closed %d (complete %v), want 2", n, complete)
 	}
 	alive := 0
 	for _, c := range conns {

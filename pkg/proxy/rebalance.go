@@ -87,22 +87,17 @@ func (s *Server) rebalanceOnce(o *Options, now time.Time, closedLastMinute int) 
 	for _, u := range healthy {
 		loads[u] = &load{u: u}
 	}
-	total := 0
 	s.mu.Lock()
-	for c := range s.conns {
-		if c.killReason() != "" {
-			continue // already closing: its client is about to move
-		}
-		u := c.upstream()
-		if u == nil {
-			total++ // still connecting: it counts towards the fair share
-			continue
-		}
-		if l := loads[u]; l != nil {
+	total := len(s.byUp[nil]) // still connecting: they count towards the fair share
+	for u, l := range loads {
+		for c := range s.byUp[u] {
+			if c.killReason() != "" {
+				continue // already closing: its client is about to move
+			}
 			l.n++
 			l.conns = append(l.conns, c)
-			total++
 		}
+		total += l.n
 	}
 	s.mu.Unlock()
 	budget := max(1, int(o.Rebalance.MaxFractionPerMinute*float64(total)))

@@ -10,16 +10,26 @@ import (
 	"sync"
 	"time"
 
+	"github.com/extractedprism/extractedprism/pkg/failure"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
 
 // Replay before the first upstream byte.
 //
 // Until the upstream has sent a byte, the client's bytes are forwarded and
-// also kept (up to ReplayBufferBytes). If the upstream then fails (EOF,
-// reset, or silence for FirstByteTimeout after the client's first bytes),
-// the upstream is marked down, the next one is dialled and the kept bytes
-// are sent again: the client sees a short delay instead of an error.
+// also kept (up to ReplayBufferBytes). If the upstream then fails (EOF or
+// reset after the client's first bytes), the failure is reported to the
+// upstream set as a passive one, the next upstream is dialled and the kept
+// bytes are sent again: the client sees a short delay instead of an error.
+// Silence for FirstByteTimeout after the client's first bytes is reported
+// the same way, but the handshake moves only to an upstream that is up and
+// answered its last probe: when there is none, every apiserver is slow,
+// and the connection keeps waiting for the one it has.
+//
+// An upstream that closes a connection on which the client has sent
+// nothing is not failing: it is an apiserver timing out an idle client
+// (kube-apiserver's handshake timeout). The close is passed on to the
+// client and nothing is reported.
 //
 // This is only done when the kept bytes are TLS handshake records (record
 // type 22, plus change_cipher_spec 20): a TLS client without 0-RTT early
@@ -46,10 +56,12 @@ type session struct {
 	replayable bool
 	// forwarded counts client bytes written to the current upstream.
 	forwarded int
-	answered  bool
-	clientEOF bool
-	clientErr error
-	fbTimer   *time.Timer
+	// fromClient counts bytes the client has sent on this connection.
+	fromClient int
+	answered   bool
+	clientEOF  bool
+	clientErr  error
+	fbTimer    *time.Timer
 	// fbExpired marks the upstream whose first-byte deadline passed.
 	fbExpired net.Conn
 	sent      int64
@@ -59,8 +71,6 @@ func (s *Server) pipeReplay(o *Options, c *conn, up net.Conn, u *upstream.Upstre
 	ss := &session{s: s, o: o, c: c, up: up, u: u, replayable: true}
 	c.replaying.Store(true)
 	defer c.replaying.Store(false)
-	u.Acquire()
-	o.Observer.ConnOpened(u)
 	clientDone := make(chan struct{})
 	go ss.clientLoop(clientDone)
 	received := ss.upstreamLoop(tried)
@@ -129,6 +139,7 @@ func (ss *session) clientLoop(done chan<- struct{}) {
 func (ss *session) forward(b []byte) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
+	ss.fromClient += len(b)
 	if !ss.answered {
 		if ss.replayable && len(ss.kept)+len(b) <= ss.o.ReplayBufferBytes {
 			ss.kept = append(ss.kept, b...)
@@ -208,9 +219,11 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 			_ = client.Close()
 			return 0
 		}
-		if ss.clientEOF {
+		moved := ss.c.movedByBalancer(up)
+		if !moved && (ss.clientEOF || ss.fromClient == 0) {
 			// The client closed its side first (a port check, a client
-			// giving up): the upstream's EOF answers that and says
+			// giving up), or never sent a byte and the upstream timed it
+			// out: the upstream's close answers the client and says
 			// nothing about its health. Pass it on.
 			ss.mu.Unlock()
 			bufPool.Put(bp)
@@ -231,22 +244,36 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 			_ = client.Close()
 			return 0
 		}
-		reason := firstByteFailure(err, ss.fbExpired == up, ss.o.FirstByteTimeout)
-		ss.s.set.MarkDown(u, reason)
-		if ss.fbExpired == up {
-			ss.o.Observer.DialFailed(u, "timeout")
-		} else {
-			ss.o.Observer.DialFailed(u, "other")
+		timedOut := ss.fbExpired == up
+		reason := firstByteFailure(err, timedOut, moved, ss.o.FirstByteTimeout)
+		if !moved {
+			kind := failure.Classify(err)
+			if timedOut {
+				kind = failure.Timeout
+			}
+			ss.o.Observer.DialFailed(u, kind)
+			ss.s.set.Passive(u, reason)
+		}
+		failedOverBefore := len(tried) > 1
+		next, nu, derr := ss.s.dialNext(ss.o, ss.c, tried, timedOut)
+		if derr != nil && timedOut && ss.c.killReason() == "" {
+			// No other upstream is up and answering: all are slow. Keep
+			// waiting for this one, without a deadline now.
+			ss.fbExpired = nil
+			_ = up.SetReadDeadline(time.Time{})
+			ss.mu.Unlock()
+			ss.o.Logger.Debug("no other upstream is up; waiting for a slow upstream", "upstream", u.Addr())
+			continue
 		}
 		_ = up.Close()
-		failedOverBefore := len(tried) > 1
-		next, nu, derr := ss.s.dialNext(ss.o, tried)
 		if derr != nil {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
-			ss.o.Observer.NoUpstream()
-			ss.s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable",
-				"reason", fmt.Errorf("%s, then: %w", reason, derr))
+			if ss.c.killReason() == "" {
+				ss.o.Observer.NoUpstream()
+				ss.s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable",
+					"reason", fmt.Errorf("%s, then: %w", reason, derr))
+			}
 			_ = client.Close()
 			return 0
 		}
@@ -257,7 +284,6 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 		ss.o.Logger.Debug("replaying handshake", "from", u.Addr(), "to", nu.Addr(), "bytes", len(ss.kept), "reason", reason)
 		u.Release()
 		ss.o.Observer.ConnClosed(u, ss.sent, 0)
-		nu.Acquire()
 		ss.o.Observer.ConnOpened(nu)
 		ss.up, ss.u, ss.sent, ss.forwarded = next, nu, 0, 0
 		if ss.fbTimer != nil {
@@ -276,7 +302,7 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 				_ = cw.CloseWrite()
 			}
 		}
-		alive := ss.c.setUpstream(nu, next)
+		alive := ss.s.assign(ss.c, nu, next)
 		ss.mu.Unlock()
 		if !alive {
 			_ = next.Close()
@@ -284,8 +310,10 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 	}
 }
 
-func firstByteFailure(err error, timedOut bool, fbt time.Duration) string {
+func firstByteFailure(err error, timedOut, moved bool, fbt time.Duration) string {
 	switch {
+	case moved:
+		return "moved off a down upstream"
 	case timedOut:
 		return fmt.Sprintf("no answer within first_byte_timeout %s", fbt)
 	case errors.Is(err, io.EOF):

@@ -1,9 +1,25 @@
 // Package upstream keeps the set of API server endpoints and their health.
 //
 // It does no I/O: the prober reports probe results through Set.Report, the
-// proxy reports failed dials through Set.MarkDown and picks upstreams with
-// Set.Pick. A Set is safe for concurrent use. Reconcile replaces the list of
-// addresses while keeping the state of addresses that stay.
+// proxy reports failures it saw on client connections through Set.Passive
+// and picks upstreams with Set.Pick. A Set is safe for concurrent use.
+// Reconcile replaces the list of addresses while keeping the state of
+// addresses that stay.
+//
+// Only probe results change an upstream's state. A passive failure (a
+// refused connect, or a reset or silence after a client's first bytes)
+// makes the upstream suspect: it counts as one failure towards Fall, new
+// connections prefer other upstreams, and OnSuspect asks for a probe at
+// once. That probe decides: a failure confirms it (with the default Fall
+// of 2, the passive failure and the probe take the upstream down within
+// milliseconds for a refused connect), a success clears it. So nothing a
+// client does (connecting and sending nothing, sending half a handshake)
+// takes a healthy upstream down on its own.
+//
+// A probe that times out takes an Up upstream down only while another Up
+// upstream answers its probes: when every upstream is slow the cluster is
+// overloaded, not dead, and moving load between apiservers would make it
+// worse.
 package upstream
 
 import (
@@ -12,6 +28,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 // State is the health state of one upstream.
@@ -66,9 +84,17 @@ type Cause int
 const (
 	// CauseProbe: an active health probe.
 	CauseProbe Cause = iota
-	// CauseDial: a failed connect from the proxy (passive health).
-	CauseDial
+	// CauseConfirmed: a probe that confirmed a failure the proxy saw on a
+	// client connection (passive health).
+	CauseConfirmed
 )
+
+func (c Cause) String() string {
+	if c == CauseConfirmed {
+		return "connect, confirmed by probe"
+	}
+	return "probe"
+}
 
 // Endpoint is an address with the source it was learnt from.
 type Endpoint struct {
@@ -102,21 +128,25 @@ type Upstream struct {
 	lastProbeOK bool
 	lastLatency time.Duration
 	lastErr     string
+	// suspect: a passive failure since the last probe (counted once in
+	// failStreak); passiveReason says what it was.
+	suspect       bool
+	passiveReason string
 }
 
 // Addr returns the upstream's host:port.
 func (u *Upstream) Addr() string { return u.addr }
 
-// Acquire counts a new connection riding on u.
-func (u *Upstream) Acquire() {
-	u.active.Add(1)
-	u.total.Add(1)
-}
+// Opened counts a connection established to u. Its place in Active was
+// reserved by the Pick that chose u.
+func (u *Upstream) Opened() { u.total.Add(1) }
 
-// Release ends a connection counted by Acquire.
+// Release gives back the place in Active that Pick reserved: the dial
+// failed, or the connection ended.
 func (u *Upstream) Release() { u.active.Add(-1) }
 
-// Active returns the number of connections riding on u.
+// Active returns the number of connections riding on u or being dialled
+// to it.
 func (u *Upstream) Active() int64 { return u.active.Load() }
 
 // Removed reports whether u has left the set.
@@ -129,8 +159,8 @@ type Transition struct {
 	From, To State
 	Cause    Cause
 	Reason   string
-	// Err is the probe error that caused a probe transition to Down.
-	Err error
+	// Kind is what the failure behind a transition to Down looked like.
+	Kind failure.Kind
 }
 
 // Status is a point-in-time copy of one upstream's state.
@@ -144,6 +174,7 @@ type Status struct {
 	LastProbeOK bool
 	LastLatency time.Duration
 	LastError   string
+	Suspect     bool
 	Active      int64
 	Total       uint64
 	Failures    uint64
@@ -166,6 +197,9 @@ type Options struct {
 	OnTransition func(Transition)
 	// OnAdd and OnRemove, if set, are called by Reconcile outside the lock.
 	OnAdd, OnRemove func(*Upstream)
+	// OnSuspect, if set, is called outside the lock when a passive failure
+	// makes an upstream suspect; it should probe that upstream at once.
+	OnSuspect func(*Upstream)
 }
 
 // Set is the endpoint set. Create it with NewSet.
@@ -298,34 +332,69 @@ func (s *Set) Lookup(addr string) *Upstream {
 }
 
 // Pick returns the upstream a new connection should use, or nil when every
-// upstream is excluded. Up upstreams come first (by strategy); when none is
-// Up, Unknown and then Down upstreams are returned, because a probe may be
-// wrong and a dial is the truth. exclude may be nil.
+// upstream is excluded, and reserves a place for the connection in its
+// Active count, so that a burst of connects spreads before any of them is
+// established; the caller gives the place back with Release when the
+// connection fails or ends. Up upstreams come first (by strategy), suspect
+// ones only when no other Up upstream is left; when none is Up, Unknown and
+// then Down upstreams are returned, because a probe may be wrong and a dial
+// is the truth. exclude may be nil.
 func (s *Set) Pick(exclude func(*Upstream) bool) *Upstream {
+	return s.pick(exclude, false)
+}
+
+// PickAnswering is Pick restricted to Up upstreams that answered their
+// last probe and are not suspect: where a connection that waited in vain
+// for a slow upstream may move. When none qualifies, every upstream is
+// slow, and moving only starts the wait again.
+func (s *Set) PickAnswering(exclude func(*Upstream) bool) *Upstream {
+	return s.pick(func(u *Upstream) bool {
+		return !u.lastProbeOK || (exclude != nil && exclude(u))
+	}, true)
+}
+
+func (s *Set) pick(exclude func(*Upstream) bool, upOnly bool) *Upstream {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
+	u := s.choose(exclude, upOnly)
+	if u != nil {
+		u.active.Add(1)
+	}
+	return u
+}
+
+// choose implements Pick; s.mu must be held.
+func (s *Set) choose(exclude func(*Upstream) bool, upOnly bool) *Upstream {
 	n := len(s.list)
 	if n == 0 {
 		return nil
 	}
 	start := int(s.rr.Add(1) % uint64(n))
-	var best *Upstream
-	var bestActive int64
-	for i := range n {
-		u := s.list[(start+i)%n]
-		if u.state != Up || (exclude != nil && exclude(u)) {
-			continue
+	for _, suspect := range []bool{false, true} {
+		if suspect && upOnly {
+			break
 		}
-		if s.opts.Strategy == RoundRobin {
-			return u
+		var best *Upstream
+		var bestActive int64
+		for i := range n {
+			u := s.list[(start+i)%n]
+			if u.state != Up || u.suspect != suspect || (exclude != nil && exclude(u)) {
+				continue
+			}
+			if s.opts.Strategy == RoundRobin {
+				return u
+			}
+			a := u.active.Load()
+			if best == nil || a < bestActive {
+				best, bestActive = u, a
+			}
 		}
-		a := u.active.Load()
-		if best == nil || a < bestActive {
-			best, bestActive = u, a
+		if best != nil {
+			return best
 		}
 	}
-	if best != nil {
-		return best
+	if upOnly {
+		return nil
 	}
 	for _, want := range []State{Unknown, Down} {
 		for i := range n {
@@ -357,6 +426,8 @@ func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
 	}
 	now := s.opts.Now()
 	u.lastProbe, u.lastProbeOK, u.lastLatency = now, ok, latency
+	confirmed, passive := u.suspect, u.passiveReason
+	u.suspect, u.passiveReason = false, ""
 	var tr *Transition
 	if ok {
 		u.okStreak++
@@ -368,14 +439,29 @@ func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
 		u.failures.Add(1)
 		u.failStreak++
 		u.okStreak = 0
+		kind := failure.Classify(err)
 		reason := "probe failed"
 		if err != nil {
-			u.lastErr = err.Error()
 			reason = err.Error()
 		}
-		if u.state == Unknown || (u.state == Up && u.failStreak >= s.opts.Fall) {
-			tr = s.transition(u, Down, CauseProbe, reason, now)
-			tr.Err = err
+		cause := CauseProbe
+		if confirmed {
+			cause = CauseConfirmed
+			reason = passive + "; probe: " + reason
+		}
+		u.lastErr = reason
+		switch {
+		case u.state == Unknown:
+			tr = s.transition(u, Down, cause, reason, now)
+		case u.state != Up || u.failStreak < s.opts.Fall:
+		case kind == failure.Timeout && !s.otherAnswering(u):
+			// Every upstream is slow: overloaded, not dead. Keep it.
+			u.lastErr = reason + " (kept up: no other upstream answers its probes in time)"
+		default:
+			tr = s.transition(u, Down, cause, reason, now)
+		}
+		if tr != nil {
+			tr.Kind = kind
 		}
 	}
 	cb := s.opts.OnTransition
@@ -385,24 +471,53 @@ func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
 	}
 }
 
-// MarkDown takes u Down at once (passive health: a connect failed). It
-// needs Rise probe successes to come back.
-func (s *Set) MarkDown(u *Upstream, reason string) {
+// otherAnswering reports whether an Up upstream other than u answered its
+// last probe; s.mu must be held.
+func (s *Set) otherAnswering(u *Upstream) bool {
+	for _, x := range s.list {
+		if x != u && x.state == Up && x.lastProbeOK && !x.suspect {
+			return true
+		}
+	}
+	return false
+}
+
+// Passive records a failure the proxy saw on a client connection to u: a
+// refused connect, or a reset, close or silence after the client's first
+// bytes. It never changes u's state: it counts once towards Fall until the
+// next probe, makes new connections prefer other upstreams, and calls
+// OnSuspect so that a probe decides at once.
+func (s *Set) Passive(u *Upstream, reason string) {
 	s.notifyMu.Lock()
 	defer s.notifyMu.Unlock()
 	s.mu.Lock()
 	u.failures.Add(1)
 	u.lastErr = reason
-	u.okStreak = 0
-	var tr *Transition
-	if u.state != Down && !u.removed.Load() {
-		tr = s.transition(u, Down, CauseDial, reason, s.opts.Now())
+	ask := false
+	if !u.suspect && u.state != Down && !u.removed.Load() {
+		u.suspect, u.passiveReason = true, reason
+		u.failStreak++
+		u.okStreak = 0
+		ask = true
 	}
-	cb := s.opts.OnTransition
+	cb := s.opts.OnSuspect
 	s.mu.Unlock()
-	if tr != nil && cb != nil {
-		cb(*tr)
+	if ask && cb != nil {
+		cb(u)
 	}
+}
+
+// OtherUp reports whether an upstream other than u is Up: whether the
+// connections on u have somewhere better to go.
+func (s *Set) OtherUp(u *Upstream) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, x := range s.list {
+		if x != u && x.state == Up {
+			return true
+		}
+	}
+	return false
 }
 
 // transition changes u's state; s.mu must be held.
@@ -463,7 +578,7 @@ func (s *Set) Snapshot() []Status {
 		out[i] = Status{
 			Address: u.addr, Source: u.source, State: u.state, Since: u.since, Reason: u.reason,
 			LastProbe: u.lastProbe, LastProbeOK: u.lastProbeOK, LastLatency: u.lastLatency,
-			LastError: u.lastErr, Active: u.active.Load(), Total: u.total.Load(), Failures: u.failures.Load(),
+			LastError: u.lastErr, Suspect: u.suspect, Active: u.active.Load(), Total: u.total.Load(), Failures: u.failures.Load(),
 		}
 	}
 	return out

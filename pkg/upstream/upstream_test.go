@@ -1,12 +1,19 @@
 package upstream
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"net"
+	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/extractedprism/extractedprism/pkg/failure"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -69,26 +76,172 @@ func TestFirstFailureMarksDown(t *testing.T) {
 	}
 }
 
-func TestMarkDownIsImmediateAndNeedsRise(t *testing.T) {
+// hold counts n connections on addr, as if picked and established.
+func hold(s *Set, addr string, n int) {
+	s.Lookup(addr).active.Add(int64(n))
+}
+
+// pickAddr picks and gives the reservation back at once.
+func pickAddr(s *Set) string {
+	u := s.Pick(nil)
+	u.Release()
+	return u.Addr()
+}
+
+var (
+	errRefused = &net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+	errTimeout = fmt.Errorf("probe: %w", context.DeadlineExceeded)
+)
+
+func TestPassiveFailureNeedsAProbeToConfirm(t *testing.T) {
 	var trs []Transition
-	s := NewSet(Options{Rise: 2, OnTransition: func(tr Transition) { trs = append(trs, tr) }})
-	s.Reconcile(eps("a:1"))
+	var asked []string
+	s := NewSet(Options{Rise: 2, Fall: 2,
+		OnTransition: func(tr Transition) { trs = append(trs, tr) },
+		OnSuspect:    func(u *Upstream) { asked = append(asked, u.Addr()) }})
+	s.Reconcile(eps("a:1", "b:1"))
 	s.Report("a:1", true, 0, nil)
+	s.Report("b:1", true, 0, nil)
 	u := s.Lookup("a:1")
-	s.MarkDown(u, "connect refused")
-	if st := s.Snapshot()[0]; st.State != Down || st.Reason != "connect refused" {
-		t.Fatalf("after MarkDown = %+v", st)
+	s.Passive(u, "connect failed (refused)")
+	s.Passive(u, "connect failed (refused)")
+	st := s.Snapshot()[0]
+	if st.State != Up || !st.Suspect || st.Failures != 2 {
+		t.Fatalf("after two passive failures = %+v, want up, suspect, 2 failures", st)
 	}
-	if trs[len(trs)-1].Cause != CauseDial {
-		t.Fatalf("cause = %v, want dial", trs[len(trs)-1].Cause)
+	if len(asked) != 1 {
+		t.Fatalf("OnSuspect called %d times, want once until the next probe", len(asked))
+	}
+	s.Report("a:1", false, 0, errRefused)
+	st = s.Snapshot()[0]
+	if st.State != Down || st.Suspect {
+		t.Fatalf("after the confirming probe = %+v, want down, no longer suspect", st)
+	}
+	last := trs[len(trs)-1]
+	if last.Cause != CauseConfirmed || last.Kind != failure.Refused {
+		t.Fatalf("transition = %+v, want confirmed, refused", last)
 	}
 	s.Report("a:1", true, 0, nil)
 	if s.Snapshot()[0].State != Down {
-		t.Fatal("one success brought a passively downed upstream back; want rise=2")
+		t.Fatal("one success brought it back; want rise=2")
 	}
 	s.Report("a:1", true, 0, nil)
 	if s.Snapshot()[0].State != Up {
 		t.Fatal("two successes did not bring it back")
+	}
+}
+
+func TestPassiveFalseAlarmIsClearedByProbe(t *testing.T) {
+	var asked int
+	s := NewSet(Options{Fall: 2, OnSuspect: func(*Upstream) { asked++ }})
+	s.Reconcile(eps("a:1"))
+	s.Report("a:1", true, 0, nil)
+	u := s.Lookup("a:1")
+	for range 10 {
+		s.Passive(u, "closed the connection before answering")
+		s.Report("a:1", true, 0, nil) // the confirming probe finds it healthy
+	}
+	if asked != 10 {
+		t.Fatalf("OnSuspect called %d times, want once per passive failure after a probe", asked)
+	}
+	s.Report("a:1", false, 0, errors.New("one bad probe"))
+	if st := s.Snapshot()[0]; st.State != Up {
+		t.Fatalf("false alarms plus one failed probe took it down: %+v", st)
+	}
+}
+
+func TestPassiveOnDownUpstreamAsksNothing(t *testing.T) {
+	var asked int
+	s := NewSet(Options{OnSuspect: func(*Upstream) { asked++ }})
+	s.Reconcile(eps("a:1"))
+	s.Report("a:1", false, 0, errRefused)
+	s.Passive(s.Lookup("a:1"), "refused")
+	if asked != 0 || s.Snapshot()[0].Suspect {
+		t.Fatal("a passive failure of a down upstream asked for a probe")
+	}
+}
+
+func TestSuspectIsPickedLast(t *testing.T) {
+	s := NewSet(Options{})
+	s.Reconcile(eps("a:1", "b:1"))
+	s.Report("a:1", true, 0, nil)
+	s.Report("b:1", true, 0, nil)
+	hold(s, "b:1", 5)
+	s.Passive(s.Lookup("a:1"), "reset")
+	for range 5 {
+		if got := pickAddr(s); got != "b:1" {
+			t.Fatalf("pick = %s, want b:1: a suspect upstream comes after every other up one", got)
+		}
+	}
+	if got := s.Pick(func(u *Upstream) bool { return u.Addr() == "b:1" }); got == nil || got.Addr() != "a:1" {
+		t.Fatal("a suspect upstream must still be picked when it is the only up one left")
+	}
+}
+
+func TestTimeoutOnEveryUpstreamIsOverloadNotDeath(t *testing.T) {
+	var trs []Transition
+	s := NewSet(Options{Fall: 2, OnTransition: func(tr Transition) { trs = append(trs, tr) }})
+	addrs := []string{"a:1", "b:1", "c:1"}
+	s.Reconcile(eps(addrs...))
+	for _, a := range addrs {
+		s.Report(a, true, 0, nil)
+	}
+	for range 5 {
+		for _, a := range addrs {
+			s.Report(a, false, 2*time.Second, errTimeout)
+		}
+	}
+	for _, st := range s.Snapshot() {
+		if st.State != Up {
+			t.Fatalf("%s = %+v; every upstream timing out must take none down", st.Address, st)
+		}
+	}
+	if len(trs) != 3 {
+		t.Fatalf("transitions = %+v, want only the three first ups", trs)
+	}
+	// One recovers: the others' next timeouts take them down now.
+	s.Report("c:1", true, 0, nil)
+	s.Report("a:1", false, 2*time.Second, errTimeout)
+	if st := s.Snapshot()[0]; st.State != Down {
+		t.Fatalf("a:1 = %+v, want down once another upstream answers", st)
+	}
+	if last := trs[len(trs)-1]; last.Kind != failure.Timeout {
+		t.Fatalf("kind = %s, want timeout", last.Kind)
+	}
+}
+
+func TestTimeoutTakesDownWhileAnotherAnswers(t *testing.T) {
+	s := NewSet(Options{Fall: 2})
+	s.Reconcile(eps("a:1", "b:1"))
+	s.Report("a:1", true, 0, nil)
+	s.Report("b:1", true, 0, nil)
+	s.Report("a:1", false, 0, errTimeout)
+	s.Report("b:1", true, 0, nil)
+	s.Report("a:1", false, 0, errTimeout)
+	if st := s.Snapshot()[0]; st.State != Down {
+		t.Fatalf("a hung upstream beside a healthy one = %+v, want down", st)
+	}
+}
+
+func TestPickReservesSoABurstSpreads(t *testing.T) {
+	s := NewSet(Options{})
+	s.Reconcile(eps("a:1", "b:1", "c:1"))
+	for _, a := range []string{"a:1", "b:1", "c:1"} {
+		s.Report(a, true, 0, nil)
+	}
+	// b and c carry 20 connections each; a has just recovered.
+	hold(s, "b:1", 20)
+	hold(s, "c:1", 20)
+	for range 64 { // a burst: none of them established yet
+		if s.Pick(nil) == nil {
+			t.Fatal("no pick")
+		}
+	}
+	mean := float64(40+64) / 3
+	for _, st := range s.Snapshot() {
+		if d := float64(st.Active) - mean; d > mean/4 || d < -mean/4 {
+			t.Errorf("%s carries %d after the burst, want within 25%% of %.1f", st.Address, st.Active, mean)
+		}
 	}
 }
 
@@ -101,7 +254,7 @@ func TestReconcileKeepsState(t *testing.T) {
 	s.Reconcile(eps("a:1", "b:1"))
 	s.Report("a:1", true, 0, nil)
 	a := s.Lookup("a:1")
-	a.Acquire()
+	hold(s, "a:1", 1)
 	b := s.Lookup("b:1")
 	s.Reconcile([]Endpoint{{Address: "a:1", Source: "discovered"}, {Address: "c:1", Source: "discovered"}, {Address: "c:1", Source: "static"}})
 	if s.Lookup("a:1") != a {
@@ -135,7 +288,7 @@ func TestPickLeastConnectionsTiesRoundRobin(t *testing.T) {
 	}
 	counts := map[string]int{}
 	for range 300 {
-		counts[s.Pick(nil).Addr()]++
+		counts[pickAddr(s)]++
 	}
 	for a, n := range counts {
 		if n != 100 {
@@ -143,18 +296,16 @@ func TestPickLeastConnectionsTiesRoundRobin(t *testing.T) {
 		}
 	}
 	// Least connections: load a and b; c must win.
-	s.Lookup("a:1").Acquire()
-	s.Lookup("a:1").Acquire()
-	s.Lookup("b:1").Acquire()
+	hold(s, "a:1", 2)
+	hold(s, "b:1", 1)
 	for range 10 {
-		if got := s.Pick(nil).Addr(); got != "c:1" {
+		if got := pickAddr(s); got != "c:1" {
 			t.Fatalf("pick = %s, want c:1 (fewest connections)", got)
 		}
 	}
-	s.Lookup("c:1").Acquire()
-	s.Lookup("c:1").Acquire()
-	// b:1 and c:1... b has 1, a 2, c 2.
-	if got := s.Pick(nil).Addr(); got != "b:1" {
+	hold(s, "c:1", 2)
+	// b has 1, a 2, c 2.
+	if got := pickAddr(s); got != "b:1" {
 		t.Fatalf("pick = %s, want b:1", got)
 	}
 }
@@ -164,10 +315,10 @@ func TestPickRoundRobinStrategy(t *testing.T) {
 	s.Reconcile(eps("a:1", "b:1"))
 	s.Report("a:1", true, 0, nil)
 	s.Report("b:1", true, 0, nil)
-	s.Lookup("a:1").Acquire()
+	hold(s, "a:1", 1)
 	counts := map[string]int{}
 	for range 100 {
-		counts[s.Pick(nil).Addr()]++
+		counts[pickAddr(s)]++
 	}
 	if counts["a:1"] != 50 || counts["b:1"] != 50 {
 		t.Fatalf("round-robin counts = %v, want 50/50 regardless of load", counts)
@@ -179,7 +330,7 @@ func TestPickPrefersUpThenUnknownThenDown(t *testing.T) {
 	s.Reconcile(eps("a:1", "b:1", "c:1"))
 	s.Report("a:1", false, 0, errors.New("x"))
 	// b and c unknown, a down: unknown first.
-	got := s.Pick(nil).Addr()
+	got := pickAddr(s)
 	if got != "b:1" && got != "c:1" {
 		t.Fatalf("pick = %s, want an unknown upstream before a down one", got)
 	}
@@ -200,7 +351,7 @@ func TestPickPrefersUpThenUnknownThenDown(t *testing.T) {
 	s.Report("c:1", true, 0, nil)
 	s.Report("c:1", true, 0, nil)
 	for range 5 {
-		if got := s.Pick(nil).Addr(); got != "c:1" {
+		if got := pickAddr(s); got != "c:1" {
 			t.Fatalf("pick = %s, want the only up upstream c:1", got)
 		}
 	}
@@ -227,7 +378,7 @@ func TestConcurrentUse(t *testing.T) {
 					s.Report("a:1", j%3 != 0, 0, nil)
 				case 1:
 					if u := s.Pick(nil); u != nil {
-						u.Acquire()
+						u.Opened()
 						u.Release()
 					}
 				case 2:
@@ -255,7 +406,27 @@ func BenchmarkPick(b *testing.B) {
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			_ = s.Pick(nil)
+			s.Pick(nil).Release()
 		}
 	})
+}
+
+func TestPickAnsweringSkipsSlowAndSuspect(t *testing.T) {
+	s := NewSet(Options{Fall: 2})
+	s.Reconcile(eps("a:1", "b:1", "c:1"))
+	for _, a := range []string{"a:1", "b:1", "c:1"} {
+		s.Report(a, true, 0, nil)
+	}
+	s.Report("a:1", false, 0, errTimeout) // slow: still up, last probe failed
+	s.Passive(s.Lookup("b:1"), "reset")   // suspect
+	for range 5 {
+		u := s.PickAnswering(nil)
+		if u == nil || u.Addr() != "c:1" {
+			t.Fatalf("PickAnswering = %v, want c:1, the only up upstream that answers", u)
+		}
+		u.Release()
+	}
+	if u := s.PickAnswering(func(u *Upstream) bool { return u.Addr() == "c:1" }); u != nil {
+		t.Fatalf("PickAnswering = %s, want none: the others are slow or suspect", u.Addr())
+	}
 }

@@ -40,12 +40,13 @@ func startStandin(t testing.TB, name, addr string, extra ...string) *standinProc
 }
 
 // startStandins starts n stand-ins named a, b, c, ... on ports below the
-// ephemeral range, so that a stand-in restarted on its port finds it free.
-func startStandins(t testing.TB, n int) []*standinProc {
+// ephemeral range, so that a stand-in restarted on its port finds it free;
+// extra flags go to each.
+func startStandins(t testing.TB, n int, extra ...string) []*standinProc {
 	t.Helper()
 	out := make([]*standinProc, n)
 	for i := range n {
-		out[i] = startStandin(t, string(rune('a'+i)), loopback(freePort(t)))
+		out[i] = startStandin(t, string(rune('a'+i)), loopback(freePort(t)), extra...)
 	}
 	return out
 }
@@ -65,6 +66,12 @@ func (s *standinProc) setReady(t testing.TB, ready bool) {
 	if ready {
 		path = "/control/ready"
 	}
+	s.control(t, path)
+}
+
+// control POSTs to a path of the stand-in's control API.
+func (s *standinProc) control(t testing.TB, path string) {
+	t.Helper()
 	tr := &http.Transport{TLSClientConfig: insecureTLS(""), DisableKeepAlives: true}
 	defer tr.CloseIdleConnections()
 	c := &http.Client{Transport: tr, Timeout: waitTimeout}

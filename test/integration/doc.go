@@ -27,6 +27,18 @@
 //     promptly.
 //   - TestSilentClientKeepsUpstreamsUp: connect-and-close port checks do
 //     not mark upstreams down.
+//   - TestSilentClientsMarkNothingDown: 30 clients that never send a byte,
+//     held past the upstreams' handshake timeout: nothing marked down,
+//     /readyz 200 throughout.
+//   - TestAllUnreadyKeepsEveryStream: every upstream unready for 15 s (an
+//     etcd outage): no stream cut, new requests served.
+//   - TestHungUpstreamClosesSpread: a SIGSTOPped upstream's streams are
+//     closed spread over close_spread, not in one instant.
+//   - TestDeadOrStoppingUpstreamConnectionsNotCut: a SIGKILLed and a
+//     gracefully stopping upstream: the balancer cuts none of their
+//     connections.
+//   - TestAllSlowMarksNoneDown: every upstream answers 6 s late: none is
+//     marked down, /readyz stays 200, a request is answered late.
 //   - TestDrainOnSIGTERM: readiness off, connects refused, streams flow
 //     until the drain timeout, exit 0.
 //   - TestAcceptSurvivesEMFILE: out of descriptors under prlimit, the

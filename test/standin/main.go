@@ -56,6 +56,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	reset := fs.Bool("reset-after-accept", false, "reset every connection right after accepting it")
 	shutdownDelay := fs.Duration("shutdown-delay", 0, "on SIGTERM/SIGINT, answer 500 on /readyz for this long before closing the listener")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 5*time.Second, "how long in-flight requests may finish after the listener closed")
+	handshakeTimeout := fs.Duration("handshake-timeout", 10*time.Second, "close connections that send no request headers (TLS handshake included) within this time (kube-apiserver: 32s)")
 	certOut := fs.String("cert-out", "", "write the self-signed serving certificate (PEM) to this file")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
@@ -116,7 +117,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	for _, addr := range listens {
 		s, err := standin.Start(ctx, standin.Options{
 			Addr: addr, Name: *name, Logger: logger, Unready: *unready,
-			LiveWhileUnready: *liveWhileUnready, Hang: *hang, ResetAfterAccept: *reset,
+			LiveWhileUnready: *liveWhileUnready, Hang: *hang, ResetAfterAccept: *reset, HandshakeTimeout: *handshakeTimeout,
 			Certificate: &tls.Certificate{Certificate: cert.Certificate, PrivateKey: cert.PrivateKey, Leaf: cert.Leaf},
 		})
 		if err != nil {
