@@ -142,7 +142,7 @@ type chaosResult struct {
 // scenario is one chaos scenario.
 type scenario struct {
 	name string
-	// handshake is the upstreams' handshake timeout; 0 runs bin/standin.
+	// handshake is the stand-ins' handshake timeout (0: their default).
 	handshake time.Duration
 	run       func(e *env, ctx context.Context, name string, p *proc, r *chaosResult) error
 	// merge copies this scenario's figures from src to dst.
@@ -263,8 +263,8 @@ func (e *env) chaos(ctx context.Context, log *slog.Logger, name string, chosen [
 	return r
 }
 
-// useUpstreams makes every upstream the kind a scenario needs: bin/standin
-// (handshake 0) or the harness's own server with that handshake timeout.
+// useUpstreams (re)starts the stand-ins whose handshake timeout is not the
+// one a scenario needs.
 func (e *env) useUpstreams(ctx context.Context, handshake time.Duration) error {
 	for _, u := range e.upstreams {
 		if u.handshake == handshake && u.p != nil && !u.p.exited() {

@@ -1,15 +1,10 @@
 package main
 
 import (
-	"context"
-	"errors"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 func TestHealthScenariosInReport(t *testing.T) {
@@ -88,60 +83,4 @@ func TestPickScenarios(t *testing.T) {
 	if _, err := pickScenarios("kill,flood"); err == nil || !strings.Contains(err.Error(), `--scenarios "kill,flood": unknown scenario "flood"`) {
 		t.Errorf("unknown scenario error = %v", err)
 	}
-}
-
-// The silent-client scenario's upstream closes a connection that sends
-// nothing after its handshake timeout, and answers the health checks and
-// readiness switches like bin/standin.
-func TestUpstreamServerHandshakeTimeout(t *testing.T) {
-	const handshake = 300 * time.Millisecond
-	srv, ln, err := newUpstreamServer("127.0.0.1:0", "u1", handshake)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.ServeTLS(ln, "", "") }()
-	defer func() {
-		_ = srv.Close()
-		if err := <-served; !errors.Is(err, http.ErrServerClosed) {
-			t.Errorf("serve: %v", err)
-		}
-	}()
-	addr := ln.Addr().String()
-
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = c.Close() }()
-	t0 := time.Now()
-	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
-	if _, err := c.Read(make([]byte, 1)); err == nil {
-		t.Fatal("the upstream sent bytes to a silent client")
-	}
-	if d := time.Since(t0); d < handshake || d > 20*time.Second {
-		t.Errorf("silent connection closed after %s, want about %s", d, handshake)
-	}
-
-	hc := newHTTPClient(10 * time.Second)
-	defer hc.CloseIdleConnections()
-	ctx := context.Background()
-	check := func(path string, want int) {
-		t.Helper()
-		code, name, err := hc.get(ctx, addr, path)
-		if err != nil || code != want || name != "u1" {
-			t.Errorf("GET %s = %d from %q, %v; want %d from u1", path, code, name, err, want)
-		}
-	}
-	check("/readyz", http.StatusOK)
-	if code, err := post(ctx, hc, addr, "/control/unready"); err != nil || code != http.StatusOK {
-		t.Fatalf("POST /control/unready: %d %v", code, err)
-	}
-	check("/readyz", http.StatusInternalServerError)
-	check("/healthz", http.StatusOK)
-	check("/", http.StatusOK)
-	if code, err := post(ctx, hc, addr, "/control/ready"); err != nil || code != http.StatusOK {
-		t.Fatalf("POST /control/ready: %d %v", code, err)
-	}
-	check("/readyz", http.StatusOK)
 }

@@ -51,12 +51,6 @@ type options struct {
 	loadOnly  string
 	scenarios string
 	merge     string
-	// serveUpstream runs this binary as an upstream server (see
-	// serveUpstream); the harness starts it so for the silent-client
-	// scenario.
-	serveUpstream     string
-	upstreamName      string
-	upstreamHandshake time.Duration
 }
 
 func main() {
@@ -74,18 +68,8 @@ func main() {
 	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
 	flag.StringVar(&o.scenarios, "scenarios", strings.Join(scenarioNames(), ","), "comma-separated chaos scenarios to run")
 	flag.StringVar(&o.merge, "merge", "", "results.json of an earlier run: keep its figures and replace only what this run measures (with --runs 0, only the chaos scenarios given)")
-	flag.StringVar(&o.serveUpstream, "serve-upstream", "", "internal: run as an upstream server on this address (the silent-client scenario's upstreams)")
-	flag.StringVar(&o.upstreamName, "upstream-name", "slow", "internal: name of the upstream server of --serve-upstream")
-	flag.DurationVar(&o.upstreamHandshake, "upstream-handshake-timeout", 2*time.Second, "internal: TLS handshake and request header timeout of --serve-upstream")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if o.serveUpstream != "" {
-		if err := serveUpstream(o.serveUpstream, o.upstreamName, o.upstreamHandshake); err != nil {
-			log.Error("upstream server failed", "err", err)
-			os.Exit(1)
-		}
-		return
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if o.render != "" {

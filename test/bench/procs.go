@@ -180,28 +180,22 @@ type upstream struct {
 	dir  string
 	p    *proc
 	log  *slog.Logger
-	// handshake, when set, runs this harness's own upstream server (see
-	// serveUpstream) with that handshake timeout instead of bin/standin.
+	// handshake, when set, is the stand-in's --handshake-timeout (how long
+	// a connection may take to send its TLS handshake and request headers).
 	handshake time.Duration
 }
 
 // start runs the stand-in and returns once it printed its listening line.
 func (u *upstream) start(ctx context.Context) error {
-	bin := u.bin
 	args := []string{"--listen", u.addr, "--name", u.name, "--live-while-unready", "--log-level", "warn"}
 	if u.handshake > 0 {
-		self, err := os.Executable()
-		if err != nil {
-			return fmt.Errorf("upstream %s: %w", u.name, err)
-		}
-		bin = self
-		args = []string{"--serve-upstream", u.addr, "--upstream-name", u.name, "--upstream-handshake-timeout", u.handshake.String()}
+		args = append(args, "--handshake-timeout", u.handshake.String())
 	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("pipe: %w", err)
 	}
-	p, err := startProc(u.dir, "upstream-"+u.name, pw, bin, args...)
+	p, err := startProc(u.dir, "upstream-"+u.name, pw, u.bin, args...)
 	_ = pw.Close()
 	if err != nil {
 		_ = pr.Close()

@@ -321,7 +321,7 @@ func renderMarkdown(res results, chartRel string) string {
 		}))
 		w("\nextractedprism ran with `--drain-timeout %s`. ", epDrainTimout)
 		w("haproxy treats SIGTERM as an immediate stop (its graceful stop is SIGUSR1) and nginx as a fast shutdown (graceful is SIGQUIT); SIGTERM is what the kubelet sends a static pod. ")
-		w("In the silent-client scenario the upstreams are the harness's own HTTPS servers with a %.0f s `ReadHeaderTimeout` (Go applies it to the TLS handshake; kube-apiserver uses 32 s), so each closes a silent connection after %.0f s; haproxy and nginx have no readiness endpoint of their own (n/a). ", silentHandshake.Seconds(), silentHandshake.Seconds())
+		w("In the silent-client scenario the stand-ins run with `--handshake-timeout %.0fs` (Go's `ReadHeaderTimeout`, which covers the TLS handshake; kube-apiserver uses 32 s), so each closes a silent connection after %.0f s; haproxy and nginx have no readiness endpoint of their own (n/a). ", silentHandshake.Seconds(), silentHandshake.Seconds())
 		w("In the all-unready scenario only `/readyz` fails: haproxy checks `/healthz` (kubespray's setting), which a real kube-apiserver also fails while etcd is away, and nginx checks nothing, so neither reacts here.\n\n")
 		w("Samples of the failed requests (time since the fault was injected, then how long the request took):\n\n")
 		for _, s := range cs {
