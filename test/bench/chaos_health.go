@@ -417,9 +417,21 @@ func mergeResults(prev, cur results, ran []string, perf bool) results {
 		if out.Notes == nil {
 			out.Notes = map[string][]string{}
 		}
-		// A later merge of the same scenarios replaces the note.
-		note := fmt.Sprintf("the %s scenarios were measured", strings.Join(ran, ", "))
-		out.Notes["chaos"] = slices.DeleteFunc(out.Notes["chaos"], func(s string) bool { return strings.HasPrefix(s, note+" on ") })
+		// A note of an earlier merge goes once all its scenarios are
+		// measured again.
+		out.Notes["chaos"] = slices.DeleteFunc(out.Notes["chaos"], func(s string) bool {
+			list, ok := strings.CutPrefix(s, "the ")
+			list, _, found := strings.Cut(list, " scenarios were measured on ")
+			if !ok || !found {
+				return false
+			}
+			for _, n := range strings.Split(list, ", ") {
+				if !slices.Contains(ran, n) {
+					return false
+				}
+			}
+			return true
+		})
 		out.Notes["chaos"] = append(out.Notes["chaos"], fmt.Sprintf("the %s scenarios were measured on %s with %s and merged into the figures of the run of %s.",
 			strings.Join(ran, ", "), cur.Machine.Date, cur.Machine.ExtractedPrism, prev.Machine.Date))
 	}

@@ -73,6 +73,14 @@ func TestMergeKeepsEarlierFigures(t *testing.T) {
 	if n := again.Notes["chaos"]; len(n) != 1 {
 		t.Errorf("a second merge of the same scenarios left notes %q", n)
 	}
+	other := mergeResults(again, cur, []string{"kill"}, false)
+	if n := other.Notes["chaos"]; len(n) != 2 {
+		t.Errorf("a merge of other scenarios dropped the earlier note: %q", n)
+	}
+	wider := mergeResults(other, cur, []string{"kill", "silent", "allunready"}, false)
+	if n := wider.Notes["chaos"]; len(n) != 1 || !strings.Contains(n[0], "kill, silent, allunready") {
+		t.Errorf("a merge covering every earlier scenario left notes %q", n)
+	}
 }
 
 func TestPickScenarios(t *testing.T) {
