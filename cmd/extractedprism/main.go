@@ -2,7 +2,13 @@
 // Kubernetes API server: local clients use https://127.0.0.1:7445 and the
 // raw TCP stream goes to a healthy kube-apiserver.
 //
-// Subcommands: run (the default), validate, status, version.
+// Subcommands: run (the default), validate, reload, status, version.
+//
+// Exit status: 0 on success, 1 on an error (an invalid configuration, a
+// failed start), 2 on bad usage, and ExitNotConfigured (78) when run finds
+// no API server to balance to: the service unit lists it in
+// RestartPreventExitStatus=, so a freshly installed package waits to be
+// configured instead of restarting every second.
 package main
 
 import (
@@ -28,6 +34,10 @@ import (
 	"github.com/extractedprism/extractedprism/pkg/version"
 )
 
+// ExitNotConfigured is the exit status of `run` when the configuration
+// names no API server: EX_CONFIG of sysexits.h.
+const ExitNotConfigured = 78
+
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
@@ -37,7 +47,9 @@ const usage = `extractedprism: per-node load balancer for the Kubernetes API ser
 Usage:
   extractedprism [run] [flags]            run the balancer (default)
   extractedprism validate [flags]         check the configuration and exit
-  extractedprism status [--address A] [--output table|json]
+  extractedprism reload --pid PID [flags] check the configuration, then send
+                                          SIGHUP to the running instance PID
+  extractedprism status [--address A] [-o|--output table|json]
                                           show the upstreams of a running instance
   extractedprism version                  print version, commit and Go version
 
@@ -54,6 +66,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runDaemon(args, stderr)
 	case "validate":
 		return validate(args, stdout, stderr)
+	case "reload":
+		return reloadCmd(args, stdout, stderr)
 	case "status":
 		return statusCmd(args, stdout, stderr)
 	case "version":
@@ -69,14 +83,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 // loadConfig parses flags and loads the configuration; on failure it
 // prints every problem and returns ok=false.
-func loadConfig(name string, args []string, stderr io.Writer) (cfg config.Config, path string, fs *pflag.FlagSet, code int) {
+func loadConfig(name string, args []string, stderr io.Writer, extra ...func(*pflag.FlagSet)) (cfg config.Config, path string, fs *pflag.FlagSet, code int) {
 	fs = pflag.NewFlagSet(name, pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	config.RegisterFlags(fs)
+	for _, add := range extra {
+		add(fs)
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return cfg, "", nil, 0
 		}
+		_, _ = fmt.Fprintf(stderr, "extractedprism %s: %v\n", name, err)
 		return cfg, "", nil, 2
 	}
 	if fs.NArg() > 0 {
@@ -86,10 +104,27 @@ func loadConfig(name string, args []string, stderr io.Writer) (cfg config.Config
 	path = config.ConfigPath(fs, os.Environ())
 	cfg, err := config.Load(path, fs, os.Environ())
 	if err != nil {
+		if name == "run" && config.NotConfigured(err) {
+			if len(config.FieldErrors(err)) > 1 {
+				printConfigError(stderr, path, err)
+			}
+			printNotConfigured(stderr, path)
+			return cfg, path, nil, ExitNotConfigured
+		}
 		printConfigError(stderr, path, err)
 		return cfg, path, nil, 1
 	}
 	return cfg, path, fs, -1
+}
+
+// printNotConfigured says, in one line, what to edit before starting again.
+func printNotConfigured(w io.Writer, path string) {
+	what := "the flags and environment name no API server: set --endpoints (or EP_ENDPOINTS)"
+	if path != "" {
+		what = fmt.Sprintf("%s names no API server: edit it and set endpoints", path)
+	}
+	_, _ = fmt.Fprintf(w, "extractedprism: not configured: %s (or enable discovery with a state file), "+
+		"then start extractedprism again; exit status %d (systemd does not restart it)\n", what, ExitNotConfigured)
 }
 
 func printConfigError(w io.Writer, path string, err error) {
@@ -121,6 +156,37 @@ func validate(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// reloadCmd validates the configuration like `validate`, then sends SIGHUP
+// to the running instance named by --pid, which makes it reload. The
+// service unit's ExecReload= runs it, so reloading needs no kill binary.
+func reloadCmd(args []string, stdout, stderr io.Writer) int {
+	var pid *int
+	_, path, _, code := loadConfig("reload", args, stderr, func(fs *pflag.FlagSet) {
+		pid = fs.Int("pid", 0, "process id of the running extractedprism (systemd: $MAINPID)")
+	})
+	switch {
+	case code == 1:
+		_, _ = fmt.Fprintln(stderr, "extractedprism reload: configuration not valid; the running instance was not signalled")
+		return code
+	case code >= 0: // --help, bad usage
+		return code
+	}
+	if *pid <= 0 {
+		_, _ = fmt.Fprintf(stderr, "extractedprism reload: --pid %d: want the process id of the running extractedprism\n", *pid)
+		return 2
+	}
+	if err := syscall.Kill(*pid, syscall.SIGHUP); err != nil {
+		_, _ = fmt.Fprintf(stderr, "extractedprism reload: signal process %d: %v\n", *pid, err)
+		return 1
+	}
+	where := "flags and environment"
+	if path != "" {
+		where = path
+	}
+	_, _ = fmt.Fprintf(stdout, "%s: OK; sent SIGHUP to process %d\n", where, *pid)
+	return 0
+}
+
 func newLogger(cfg config.Config, w io.Writer) (*slog.Logger, *slog.LevelVar) {
 	lv := new(slog.LevelVar)
 	var lvl slog.Level
@@ -144,6 +210,10 @@ func runDaemon(args []string, stderr io.Writer) int {
 		return code
 	}
 	logger, level := newLogger(cfg, stderr)
+	for _, s := range config.SupersededSettings(fs, os.Environ()) {
+		logger.Warn("seed system setting accepted but has no effect; remove it",
+			"setting", s.Source, "value", s.Value, "instead", s.Instead)
+	}
 	activated, err := systemd.ActivatedListeners()
 	if err != nil {
 		logger.Warn("ignoring socket activation", "err", err)
@@ -180,12 +250,13 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("status", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addr := fs.String("address", "127.0.0.1:7446", "admin address (host:port) of the running extractedprism")
-	output := fs.String("output", "table", "output format: table or json")
+	output := fs.StringP("output", "o", "table", "output format: table or json")
 	timeout := fs.Duration("timeout", 5*time.Second, "request timeout")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return 0
 		}
+		_, _ = fmt.Fprintf(stderr, "extractedprism status: %v\n", err)
 		return 2
 	}
 	if *output != "table" && *output != "json" {

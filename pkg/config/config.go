@@ -139,7 +139,8 @@ type Discovery struct {
 
 // Log configures the daemon's logger.
 type Log struct {
-	// Level is debug, info, warn or error.
+	// Level is debug, info, warn or error. The seed system's dpanic, panic
+	// and fatal are accepted and read as error (see LogLevels).
 	Level string `koanf:"level"`
 	// Format is text or json.
 	Format string `koanf:"format"`
@@ -159,6 +160,22 @@ const (
 	LogFormatText = "text"
 	LogFormatJSON = "json"
 )
+
+// LogLevels are the accepted values of log.level. The last three are the
+// seed system's levels above error; slog has no level above error, so
+// Load turns each of them into "error": the daemon then logs only errors,
+// which is what those levels ask for (the daemon never panics or exits
+// through its logger).
+var LogLevels = []string{"debug", "info", "warn", "error", "dpanic", "panic", "fatal"}
+
+// canonicalLogLevel maps the seed system's levels above error to error.
+func canonicalLogLevel(level string) string {
+	switch level {
+	case "dpanic", "panic", "fatal":
+		return "error"
+	}
+	return level
+}
 
 // Defaults returns the built-in configuration; it equals
 // configs/extractedprism.yaml (a test keeps them in step).

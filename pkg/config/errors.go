@@ -27,6 +27,22 @@ type FieldError struct {
 	// related lists other keys a cross-field rule depends on; Load drops
 	// the problem when one of them could not be read.
 	related []string
+	// notConfigured marks the problem of a configuration that names no
+	// API server at all (see NotConfigured).
+	notConfigured bool
+}
+
+// NotConfigured reports whether err (from Load or Validate) says that the
+// configuration names no API server and cannot discover one: the state of
+// a freshly installed package whose configuration file has not been
+// edited yet, as opposed to a configuration with a wrong value in it.
+func NotConfigured(err error) bool {
+	for _, fe := range FieldErrors(err) {
+		if fe.notConfigured {
+			return true
+		}
+	}
+	return false
 }
 
 // Error renders "file:line:col: path: msg" or "path: msg (from EP_X)".

@@ -41,7 +41,7 @@ var flagSpecs = []flagSpec{
 	{"state-file", "discovery.state_file", "last-known-good list of discovered endpoints (\"\" = none)"},
 	{"dial-timeout", "proxy.dial_timeout", "deadline of one upstream connect before the next upstream is tried"},
 	{"drain-timeout", "proxy.drain_timeout", "time established connections get to finish at shutdown"},
-	{"log-level", "log.level", "log level: debug, info, warn or error"},
+	{"log-level", "log.level", "log level: debug, info, warn or error (dpanic, panic and fatal are read as error)"},
 	{"log-format", "log.format", "log format: text or json"},
 }
 
@@ -94,6 +94,7 @@ func RegisterFlags(fs *pflag.FlagSet) {
 			panic(fmt.Sprintf("config: no flag type for %s (%T)", s.Key, v))
 		}
 	}
+	registerSuperseded(fs)
 }
 
 // ConfigPath returns the config file named by --config (if set on fs),
@@ -206,6 +207,8 @@ func load(path string, data []byte, fs *pflag.FlagSet, environ []string) (Config
 		}
 	}
 
+	checkSuperseded(&errs, fs, environ)
+
 	var c Config
 	if err := k.UnmarshalWithConf("", &c, koanf.UnmarshalConf{Tag: "koanf"}); err != nil {
 		return Config{}, fmt.Errorf("decode config: %w", err)
@@ -238,6 +241,7 @@ func load(path string, data []byte, fs *pflag.FlagSet, environ []string) (Config
 	if err := errs.err(); err != nil {
 		return Config{}, err
 	}
+	c.Log.Level = canonicalLogLevel(c.Log.Level)
 	return c, nil
 }
 

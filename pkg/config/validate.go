@@ -68,9 +68,12 @@ func (c Config) Validate() error {
 		}
 	}
 	if len(c.Endpoints) == 0 && (!c.Discovery.Enabled || c.Discovery.StateFile == "") {
-		l.addRelated([]string{"discovery.enabled", "discovery.state_file"}, "endpoints", nil, "at least one endpoint is required "+
+		fe := newFieldError("endpoints", nil, "at least one endpoint is required "+
 			"(set endpoints, --endpoints or EP_ENDPOINTS), unless discovery.enabled is true "+
 			"with a non-empty discovery.state_file to start from")
+		fe.related = []string{"discovery.enabled", "discovery.state_file"}
+		fe.notConfigured = true
+		l.push(fe)
 	}
 
 	// probe
@@ -132,7 +135,7 @@ func (c Config) Validate() error {
 	checkNotNegative(&l, "discovery.debounce", c.Discovery.Debounce)
 
 	// log
-	checkEnum(&l, "log.level", c.Log.Level, "debug", "info", "warn", "error")
+	checkEnum(&l, "log.level", c.Log.Level, LogLevels...)
 	checkEnum(&l, "log.format", c.Log.Format, LogFormatText, LogFormatJSON)
 
 	return l.err()

@@ -288,8 +288,9 @@ func (d *daemon) proxyOptions(cfg config.Config) proxy.Options {
 			Enabled: p.Rebalance.Enabled, Tolerance: p.Rebalance.Tolerance, MinAge: p.Rebalance.MinAge,
 			Period: p.Rebalance.Period, MaxFractionPerMinute: p.Rebalance.MaxFractionPerMinute,
 		},
-		Observer: observer{d.met},
-		Logger:   d.log.With("component", "proxy"),
+		SuccessorServes: proxy.OtherListener,
+		Observer:        observer{d.met},
+		Logger:          d.log.With("component", "proxy"),
 	}
 }
 

@@ -256,6 +256,8 @@ func TestBurstOfConnectsSpreadsAfterARecovery(t *testing.T) {
 
 func TestShutdownUnderConnectStormEndsInTime(t *testing.T) {
 	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
+	var worst time.Duration
+	defer func() { t.Logf("50 shutdowns under a connect storm: the slowest took %s", worst) }()
 	for run := range 50 {
 		// Cut at once, or after a short drain: connections accepted just
 		// before the listener closed must be cut either way.
@@ -286,7 +288,9 @@ func TestShutdownUnderConnectStormEndsInTime(t *testing.T) {
 		start := time.Now()
 		stopped := make(chan struct{})
 		go func() { h.stop(); close(stopped) }()
-		limit := max(drain, 0) + time.Second
+		// A server that waits on a connection it did not cut never ends;
+		// the bound leaves room for a loaded machine.
+		limit := max(drain, 0) + 3*time.Second
 		var late bool
 		select {
 		case <-stopped:
@@ -299,6 +303,7 @@ func TestShutdownUnderConnectStormEndsInTime(t *testing.T) {
 			_ = c.Close()
 		}
 		<-stopped
+		worst = max(worst, time.Since(start))
 		if late {
 			t.Fatalf("run %d: shutdown still waiting after %s (drain_timeout %s): it waits on a connection it did not cut",
 				run, time.Since(start).Round(time.Millisecond), drain)

@@ -77,8 +77,9 @@ type Options struct {
 	KeepAlive time.Duration
 	// UserTimeout is TCP_USER_TIMEOUT on both legs (0 = kernel default).
 	UserTimeout time.Duration
-	// DrainTimeout is how long established connections may go on after
-	// shutdown starts (default 30s; negative = cut at once).
+	// DrainTimeout is how long connections may go on after shutdown
+	// starts (default 30s; negative = cut at once). See drain for what
+	// happens to new connections meanwhile.
 	DrainTimeout time.Duration
 	// Replay enables handshake replay before the first upstream byte.
 	Replay bool
@@ -89,6 +90,10 @@ type Options struct {
 	FirstByteTimeout time.Duration
 	// ReplayBufferBytes bounds the kept handshake (default 16 KiB).
 	ReplayBufferBytes int
+	// SuccessorServes reports whether another listening socket than ln
+	// serves ln's port (default: none is ever assumed). The daemon passes
+	// OtherListener.
+	SuccessorServes func(ln net.Listener) bool
 	// Rebalance configures closing surplus connections after a recovery.
 	Rebalance RebalanceOptions
 	// Observer receives metrics events (default: none).
@@ -143,10 +148,13 @@ type Server struct {
 	listeners map[net.Listener]*acceptLoop
 	conns     map[*conn]struct{}
 	// byUp indexes conns by the upstream they ride on (nil: connecting).
-	byUp     map[*upstream.Upstream]map[*conn]struct{}
+	byUp map[*upstream.Upstream]map[*conn]struct{}
+	// draining: shutdown has begun; shutdown: no connection is accepted
+	// any more.
+	draining bool
 	shutdown bool
 	idle     chan struct{} // closed and replaced when conns becomes empty
-	stopping chan struct{} // closed when shutdown begins
+	stopping chan struct{} // closed when draining begins
 
 	// rlog logs bursts of identical failures once per window with a count.
 	rlog *ratelog.Limiter
@@ -206,7 +214,7 @@ var ErrShutdown = errors.New("proxy is shutting down")
 func (s *Server) Serve(ln net.Listener) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.shutdown {
+	if s.draining {
 		return ErrShutdown
 	}
 	al := &acceptLoop{ln: ln, stop: make(chan struct{})}
@@ -235,8 +243,17 @@ func (al *acceptLoop) close() {
 	}
 }
 
-// Listening reports whether at least one accept loop is serving.
+// Listening reports whether at least one accept loop is serving and
+// shutdown has not begun.
 func (s *Server) Listening() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.listeners) > 0 && !s.draining
+}
+
+// Accepting reports whether at least one accept loop is serving, draining
+// or not.
+func (s *Server) Accepting() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.listeners) > 0 && !s.shutdown
@@ -280,40 +297,146 @@ func (s *Server) Run(ctx context.Context) error {
 	return nil
 }
 
-// drain closes the listeners and waits for connections up to DrainTimeout.
+// drain ends the Server's service. Established connections get up to
+// DrainTimeout to finish and are then cut. New connections:
+//
+//   - when another listening socket serves the same port (a successor: a
+//     surged DaemonSet pod, a new process that bound it with SO_REUSEPORT),
+//     the listeners close at once and the kernel sends new connects there;
+//   - otherwise nobody else would serve them (a static pod being replaced,
+//     a lone process, systemd's restart, where the successor starts only
+//     after this process exits): the listeners stay open and new
+//     connections are served until the process is idle, a successor
+//     appears, or shortly before DrainTimeout passes (lastCall: a
+//     connection accepted at the last moment would only be cut; under
+//     systemd the connects that come then wait in the shared socket for the
+//     next process). Refusing them for the whole drain would stall every
+//     client of the node for that long.
 func (s *Server) drain() {
 	o := s.opts.Load()
 	s.mu.Lock()
-	s.shutdown = true
+	s.draining = true
 	close(s.stopping)
+	s.mu.Unlock()
+	if o.DrainTimeout <= 0 {
+		s.stopAccepting()
+		s.cutAll(o)
+		return
+	}
+	accepting := true
+	if s.successorServes() {
+		s.stopAccepting()
+		accepting = false
+		o.Logger.Info("another listener serves the port: new connections go there")
+	}
+	if n := s.active.Load(); n > 0 {
+		o.Logger.Info("draining connections", "connections", n, "timeout", o.DrainTimeout, "accepting", accepting)
+	}
+	deadline := time.NewTimer(o.DrainTimeout)
+	defer deadline.Stop()
+	last := time.NewTimer(o.DrainTimeout - min(lastCall, o.DrainTimeout/4))
+	defer last.Stop()
+	check := time.NewTicker(successorCheck)
+	defer check.Stop()
+	for {
+		if s.stopIfIdle() {
+			return
+		}
+		idle := s.idleChan()
+		if idle == nil {
+			continue // idle since: stopIfIdle decides
+		}
+		select {
+		case <-idle:
+		case <-check.C:
+			if accepting && s.successorServes() {
+				s.stopAccepting()
+				accepting = false
+				o.Logger.Info("a successor serves the port now: new connections go there")
+			}
+		case <-last.C:
+			if accepting {
+				s.stopAccepting()
+				accepting = false
+			}
+		case <-deadline.C:
+			s.stopAccepting()
+			s.cutAll(o)
+			return
+		}
+	}
+}
+
+// successorCheck is how often a draining Server looks for a successor;
+// lastCall is how long before the end of the drain it stops accepting (at
+// most a quarter of the drain).
+const (
+	successorCheck = 250 * time.Millisecond
+	lastCall       = 500 * time.Millisecond
+)
+
+// successorServes reports whether another listening socket serves the port
+// of one of the Server's listeners.
+func (s *Server) successorServes() bool {
+	o := s.opts.Load()
+	if o.SuccessorServes == nil {
+		return false
+	}
+	s.mu.Lock()
+	lns := make([]net.Listener, 0, len(s.listeners))
+	for ln := range s.listeners {
+		lns = append(lns, ln)
+	}
+	s.mu.Unlock()
+	for _, ln := range lns {
+		if o.SuccessorServes(ln) {
+			return true
+		}
+	}
+	return false
+}
+
+// stopAccepting closes every listener and refuses connections accepted
+// from now on.
+func (s *Server) stopAccepting() {
+	s.mu.Lock()
+	loops := s.takeListeners()
+	s.mu.Unlock()
+	for _, al := range loops {
+		al.close()
+	}
+}
+
+// takeListeners marks the Server shut down and removes its listeners;
+// s.mu must be held.
+func (s *Server) takeListeners() []*acceptLoop {
+	s.shutdown = true
 	loops := make([]*acceptLoop, 0, len(s.listeners))
 	for ln, al := range s.listeners {
 		loops = append(loops, al)
 		delete(s.listeners, ln)
 	}
+	return loops
+}
+
+// stopIfIdle stops accepting if no connection is tracked, atomically with
+// the check, and reports whether it did (the drain is then over).
+func (s *Server) stopIfIdle() bool {
+	s.mu.Lock()
+	if len(s.conns) > 0 {
+		s.mu.Unlock()
+		return false
+	}
+	loops := s.takeListeners()
 	s.mu.Unlock()
 	for _, al := range loops {
 		al.close()
 	}
-	if n := s.active.Load(); n > 0 {
-		o.Logger.Info("draining connections", "connections", n, "timeout", o.DrainTimeout)
-	}
-	if o.DrainTimeout > 0 {
-		t := time.NewTimer(o.DrainTimeout)
-		defer t.Stop()
-		for {
-			idle := s.idleChan()
-			if idle == nil {
-				return
-			}
-			select {
-			case <-idle:
-				continue
-			case <-t.C:
-			}
-			break
-		}
-	}
+	return true
+}
+
+// cutAll closes every connection still open at the end of the drain.
+func (s *Server) cutAll(o *Options) {
 	cut := s.closeConns(func(*conn) bool { return true }, reasonDrain)
 	if cut > 0 {
 		o.Observer.DrainCut(cut)

@@ -460,10 +460,10 @@ func TestCloseUpstreamClosesOnlyItsConnections(t *testing.T) {
 func TestDrainKeepsStreamsThenCuts(t *testing.T) {
 	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
 	var cut atomic.Int32
-	h := startProxy(t, Options{DrainTimeout: 800 * time.Millisecond, Observer: countDrainCut{n: &cut}}, []string{b.addr()}, b.addr())
-	c := h.dial(t)
-	defer func() { _ = c.Close() }()
-	roundTrip := func() error {
+	const drain = 800 * time.Millisecond
+	h := startProxy(t, Options{DrainTimeout: drain, Observer: countDrainCut{n: &cut}}, []string{b.addr()}, b.addr())
+	c := h.dialEchoed(t, 1)[0]
+	roundTrip := func(c net.Conn) error {
 		if _, err := c.Write([]byte("d")); err != nil {
 			return err
 		}
@@ -471,17 +471,20 @@ func TestDrainKeepsStreamsThenCuts(t *testing.T) {
 		_, err := io.ReadFull(c, make([]byte, 1))
 		return err
 	}
-	if err := roundTrip(); err != nil {
-		t.Fatal(err)
-	}
 	stopped := make(chan struct{})
 	start := time.Now()
 	go func() { h.stop(); close(stopped) }()
-	waitFor(t, "listener closed", 10*time.Second, func() bool { return !h.srv.Listening() })
-	if _, err := net.DialTimeout("tcp", h.ln.Addr().String(), 2*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Fatalf("connect during drain: %v, want connection refused", err)
+	waitFor(t, "draining", 10*time.Second, func() bool { return !h.srv.Listening() })
+	// No successor serves the port: new connections are still served.
+	nc, err := net.DialTimeout("tcp", h.ln.Addr().String(), 2*time.Second)
+	if err != nil {
+		t.Fatalf("connect during the drain: %v; with no successor new connections must be served", err)
 	}
-	if err := roundTrip(); err != nil {
+	defer func() { _ = nc.Close() }()
+	if err := roundTrip(nc); err != nil {
+		t.Fatalf("new connection during the drain: %v", err)
+	}
+	if err := roundTrip(c); err != nil {
 		t.Fatalf("established stream broke during drain: %v", err)
 	}
 	select {
@@ -489,14 +492,75 @@ func TestDrainKeepsStreamsThenCuts(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("Run did not return after the drain timeout")
 	}
-	if el := time.Since(start); el < 800*time.Millisecond {
+	if el := time.Since(start); el < drain {
 		t.Fatalf("drain ended after %s, before drain_timeout", el)
 	}
-	if err := roundTrip(); err == nil {
+	if err := roundTrip(c); err == nil {
 		t.Fatal("stream still works after the drain timeout")
 	}
-	if cut.Load() != 1 {
-		t.Fatalf("drain cut %d connections, want 1", cut.Load())
+	if _, err := net.DialTimeout("tcp", h.ln.Addr().String(), 2*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("connect after the drain: %v, want connection refused", err)
+	}
+	if cut.Load() != 2 {
+		t.Fatalf("drain cut %d connections, want 2", cut.Load())
+	}
+}
+
+func TestDrainWithASuccessorStopsAcceptingAtOnce(t *testing.T) {
+	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
+	h := startProxy(t, Options{DrainTimeout: 2 * time.Second, SuccessorServes: OtherListener}, []string{b.addr()}, b.addr())
+	c := h.dialEchoed(t, 1)[0]
+	// A successor binds the same port (SO_REUSEPORT), as a surged pod does;
+	// the kernel steers new connects to it.
+	succ, err := Listen(context.Background(), h.ln.Addr().String(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = succ.Close() }()
+	go h.stop()
+	waitFor(t, "the listener closed for the successor", 10*time.Second, func() bool { return !h.srv.Accepting() })
+	// New connects reach the successor now; the stream goes on meanwhile.
+	nc, err := net.DialTimeout("tcp", h.ln.Addr().String(), 2*time.Second)
+	if err != nil {
+		t.Fatalf("connect after the handover: %v; the successor's socket should take it", err)
+	}
+	_ = nc.Close()
+	_, _ = c.Write([]byte("s"))
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+		t.Fatalf("established stream broke during the drain: %v", err)
+	}
+}
+
+func TestDrainOfAnIdleServerEndsAtOnce(t *testing.T) {
+	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
+	h := startProxy(t, Options{DrainTimeout: time.Minute}, []string{b.addr()}, b.addr())
+	start := time.Now()
+	h.stop()
+	if el := time.Since(start); el > 10*time.Second {
+		t.Fatalf("an idle server took %s to stop, want at once", el)
+	}
+}
+
+func TestOtherListener(t *testing.T) {
+	a, err := Listen(context.Background(), "127.0.0.1:0", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = a.Close() }()
+	if OtherListener(a) {
+		t.Fatal("a lone listener reported another one on its port")
+	}
+	b, err := Listen(context.Background(), a.Addr().String(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !OtherListener(a) || !OtherListener(b) {
+		t.Fatal("two listeners on one port (SO_REUSEPORT) do not see each other")
+	}
+	_ = b.Close()
+	if OtherListener(a) {
+		t.Fatal("a closed listener still counts")
 	}
 }
 

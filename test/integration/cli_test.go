@@ -68,7 +68,7 @@ func TestBadInputExits(t *testing.T) {
 		{"host without port", nil, []string{"--endpoints", "10.0.0.1"}, []string{`"10.0.0.1"`, "port"}},
 		{"port without host", nil, []string{"--endpoints", ":6443"}, []string{`":6443"`, "host"}},
 		{"port out of range", nil, []string{"--endpoints", "host:99999"}, []string{`"host:99999"`, "99999"}},
-		{"empty", nil, []string{"--endpoints", ""}, []string{"endpoints", "required"}},
+		{"empty (exit 78: not configured)", nil, []string{"--endpoints", ""}, []string{"not configured", "set --endpoints"}},
 		{"second of two bad", nil, []string{"--endpoints", "127.0.0.1:6443,10.0.0.1"}, []string{"endpoints[1]", `"10.0.0.1"`}},
 		{"from the environment", []string{"EP_ENDPOINTS=10.0.0.1"}, nil, []string{`"10.0.0.1"`, "EP_ENDPOINTS"}},
 		{"from a file", nil, []string{"--config", badFile}, []string{`"10.0.0.9"`, badFile}},

@@ -17,7 +17,7 @@ import (
 )
 
 // rootfsPackages are installed into the cached container root. procps gives
-// /bin/kill, which the package depends on; apt would fetch it otherwise.
+// kill and pgrep, which the tests run inside the container.
 const rootfsPackages = "systemd,systemd-sysv,dbus,procps"
 
 // ensureRootfs returns a Debian bookworm root with systemd, building it with
@@ -76,9 +76,10 @@ type container struct {
 }
 
 // bootContainer boots rootfs with a throwaway overlay on top, binds hostDir
-// read-only at /pkgs, and waits until systemd has finished booting. The
-// container is powered off when the test ends, pass or fail.
-func bootContainer(t *testing.T, rootfs, hostDir string) *container {
+// read-only at /pkgs (and each of extraBinds, "HOST:CONTAINER", read-only
+// too), and waits until systemd has finished booting. The container is
+// powered off when the test ends, pass or fail.
+func bootContainer(t *testing.T, rootfs, hostDir string, extraBinds ...string) *container {
 	t.Helper()
 	console := filepath.Join(t.TempDir(), "console.log")
 	f, err := os.Create(console)
@@ -86,8 +87,12 @@ func bootContainer(t *testing.T, rootfs, hostDir string) *container {
 		t.Fatal(err)
 	}
 	name := fmt.Sprintf("eptest%d", os.Getpid())
-	cmd := exec.Command("systemd-nspawn", "--keep-unit", "--register=no", "--console=pipe", "--quiet",
-		"--volatile=overlay", "--bind-ro="+hostDir+":/pkgs", "--machine="+name, "-D", rootfs, "--boot")
+	args := []string{"--keep-unit", "--register=no", "--console=pipe", "--quiet",
+		"--volatile=overlay", "--bind-ro=" + hostDir + ":/pkgs"}
+	for _, b := range extraBinds {
+		args = append(args, "--bind-ro="+b)
+	}
+	cmd := exec.Command("systemd-nspawn", append(args, "--machine="+name, "-D", rootfs, "--boot")...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

@@ -267,11 +267,13 @@ func TestPackageUnderSystemd(t *testing.T) {
 		}
 	}
 
-	step(t, "configure (upstreams a, b; proxy %s, admin %s) and systemctl enable --now", e.proxy, e.admin)
-	c.writeFile("/etc/extractedprism/config.yaml", e.config(a, b))
 	c.writeFile("/etc/systemd/system/extractedprism.socket.d/ports.conf", fmt.Sprintf(
 		"[Socket]\nListenStream=\nListenStream=%s\nListenStream=%s\n", e.proxy, e.admin))
 	c.must("systemctl", "daemon-reload")
+	checkUnconfiguredStart(t, c)
+
+	step(t, "configure (upstreams a, b; proxy %s, admin %s) and systemctl enable --now", e.proxy, e.admin)
+	c.writeFile("/etc/extractedprism/config.yaml", e.config(a, b))
 	start := time.Now()
 	c.must("systemctl", "enable", "--now", "extractedprism.service")
 	t.Logf("systemctl enable --now returned after %v", time.Since(start).Round(time.Millisecond))
@@ -352,7 +354,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatalf("config.last_reload_ok not back to true after a good config: %v", err)
 	}
 
-	underLoad := func(what string, action func()) loadResult {
+	underLoad := func(what string, replaces bool, action func()) loadResult {
 		t.Helper()
 		l := startLoad(e.proxy, 4)
 		if err := l.waitOK(40, 60*time.Second); err != nil {
@@ -372,26 +374,47 @@ func TestPackageUnderSystemd(t *testing.T) {
 		if err != nil {
 			t.Fatalf("client loop after %s: %v: %v", what, err, res)
 		}
-		if after := e.mainPID(); after == before {
+		if after := e.mainPID(); replaces && after == before {
 			t.Errorf("%s did not replace the process (main pid still %s)", what, before)
+		} else if !replaces && after != before {
+			t.Errorf("%s replaced the process (main pid %s -> %s); want it kept", what, before, after)
 		}
 		t.Logf("RESULT %s (took %v): %v", what, took.Round(time.Millisecond), res)
 		if res.Refused != 0 || res.Other != 0 {
 			t.Errorf("%s: %d connects refused and %d other failures; want none: %v", what, res.Refused, res.Other, res)
 		}
+		// The old process serves new connections while it drains: none
+		// waits for the drain.
+		if res.MaxLatency > time.Second {
+			t.Errorf("%s: the slowest new request took %v; want at most 1s", what, res.MaxLatency.Round(time.Millisecond))
+		}
 		return res
 	}
 
+	step(t, "systemctl reload under a client loop, with a long-lived stream open")
+	reloadStream, closeReloadStream := openStream(t, e.proxy)
+	underLoad("systemctl reload", false, func() { c.must("systemctl", "reload", "extractedprism.service") })
+	select {
+	case <-reloadStream:
+		t.Errorf("systemctl reload cut the open stream; a reload keeps every connection")
+	default:
+	}
+	closeReloadStream()
+
 	step(t, "systemctl restart under a client loop")
-	underLoad("systemctl restart", func() { c.must("systemctl", "restart", "extractedprism.service") })
+	underLoad("systemctl restart", true, func() { c.must("systemctl", "restart", "extractedprism.service") })
 
 	step(t, "systemctl restart under a client loop, with a long-lived stream open (drain_timeout 10s)")
 	streamEnded, closeStream := openStream(t, e.proxy)
 	restartAt := time.Now()
-	underLoad("systemctl restart with an open stream", func() { c.must("systemctl", "restart", "extractedprism.service") })
+	underLoad("systemctl restart with an open stream", true, func() { c.must("systemctl", "restart", "extractedprism.service") })
 	select {
 	case end := <-streamEnded:
-		t.Logf("RESULT the open stream was cut %v after the restart began", end.Sub(restartAt).Round(time.Millisecond))
+		lived := end.Sub(restartAt)
+		t.Logf("RESULT the open stream was cut %v after the restart began", lived.Round(time.Millisecond))
+		if lived < 9*time.Second {
+			t.Errorf("the open stream was cut %v after the restart began; want it to flow until the 10s drain_timeout", lived.Round(time.Millisecond))
+		}
 	case <-time.After(time.Minute):
 		t.Errorf("the stream opened before the restart is still flowing a minute later")
 	}
@@ -400,7 +423,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 	step(t, "upgrade to %s under a client loop", upVersion)
 	sock := c.show("extractedprism.socket", "ActiveEnterTimestampMonotonic")
 	confBefore := c.must("cat", "/etc/extractedprism/config.yaml")
-	underLoad("package upgrade", func() { c.must("apt-get", "install", "-y", "-q", "/pkgs/upgrade/"+filepath.Base(upDeb)) })
+	underLoad("package upgrade", true, func() { c.must("apt-get", "install", "-y", "-q", "/pkgs/upgrade/"+filepath.Base(upDeb)) })
 	if got := strings.TrimSpace(c.must("dpkg-query", "-W", "-f", "${Version}", "extractedprism")); got != upVersion {
 		t.Errorf("installed version %q after upgrade, want %q", got, upVersion)
 	}
@@ -538,4 +561,41 @@ func openStream(t *testing.T, proxy string) (<-chan time.Time, func()) {
 		_ = conn.Close()
 		<-done
 	}
+}
+
+// checkUnconfiguredStart starts the service with the configuration the
+// package ships (no endpoints), as a boot before the node is configured
+// would: the daemon exits with status 78, which RestartPreventExitStatus=
+// lists, so systemd does not restart it every second, and the journal says
+// in one line what to edit.
+func checkUnconfiguredStart(t *testing.T, c *container) {
+	t.Helper()
+	step(t, "systemctl start with the shipped configuration (no endpoints)")
+	if out, err := c.exec(time.Minute, "systemctl", "start", "extractedprism.service"); err == nil {
+		t.Fatalf("systemctl start of the unconfigured service succeeded (%s); want it to fail", out)
+	}
+	props := []string{"ActiveState", "Result", "ExecMainStatus", "NRestarts"}
+	p := c.show("extractedprism.service", props...)
+	if p["ActiveState"] != "failed" || p["Result"] != "exit-code" || p["ExecMainStatus"] != "78" || p["NRestarts"] != "0" {
+		t.Fatalf("unconfigured service %v; want failed with exit status 78 and no restart", p)
+	}
+	// With Restart=always and RestartSec=1s a restart loop would have
+	// restarted it several times within 5 s: watch that long.
+	until := time.Now().Add(5 * time.Second)
+	if err := waitFor(10*time.Second, func() bool {
+		q := c.show("extractedprism.service", props...)
+		if q["NRestarts"] != "0" || q["ActiveState"] != "failed" {
+			t.Fatalf("unconfigured service restarted: %v", q)
+		}
+		return time.Now().After(until)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	const line = "extractedprism: not configured: /etc/extractedprism/config.yaml names no API server: edit it and set endpoints"
+	j := c.journal("extractedprism.service")
+	if n := strings.Count(j, line); n != 1 {
+		t.Fatalf("journal has %d lines %q, want one:\n%s", n, line, tail(j, 30))
+	}
+	t.Logf("RESULT unconfigured start: %v, journal: %s", p, line)
+	c.must("systemctl", "reset-failed", "extractedprism.service")
 }

@@ -140,6 +140,31 @@ values leave them out.
 {{- end }}
 
 {{/*
+The value a probe duration has in the daemon: the flag value if set, else
+the key under config, else the daemon's default. Returns YAML with name
+(the value's name), text and ns (nanoseconds, a float; 0 if the text is
+not a Go duration, which the schema or the daemon reports).
+*/}}
+{{- define "extractedprism.effectiveDuration" -}}
+{{- $name := .flag }}{{ $text := toString .value }}
+{{- if not .value }}
+{{- $name = printf "config.%s" .key }}{{ $text = toString .config }}
+{{- if not .config }}{{ $name = printf "%s (default)" .flag }}{{ $text = .default }}{{ end }}
+{{- end }}
+{{- $units := dict "ns" 1.0 "us" 1000.0 "µs" 1000.0 "ms" 1000000.0 "s" 1000000000.0 "m" 60000000000.0 "h" 3600000000000.0 }}
+{{- $ns := 0.0 }}
+{{- if regexMatch "^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$" $text }}
+{{- range $part := regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h)" $text -1 }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $part }}
+{{- $ns = addf $ns (mulf (float64 $num) (get $units (trimPrefix $num $part))) }}
+{{- end }}
+{{- end }}
+name: {{ $name | quote }}
+text: {{ $text | quote }}
+ns: {{ $ns }}
+{{- end }}
+
+{{/*
 Checks that the schema cannot express; each failure names the value and
 says what is expected.
 */}}
@@ -157,6 +182,11 @@ says what is expected.
 {{- if or (lt $port 1) (gt $port 65535) }}
 {{- fail (printf "endpoints: port %d of %q is out of range 1-65535" $port $ep) }}
 {{- end }}
+{{- end }}
+{{- $interval := include "extractedprism.effectiveDuration" (dict "flag" "healthInterval" "value" .Values.healthInterval "key" "probe.interval" "config" (dig "probe" "interval" "" .Values.config) "default" "2s") | fromYaml }}
+{{- $timeout := include "extractedprism.effectiveDuration" (dict "flag" "healthTimeout" "value" .Values.healthTimeout "key" "probe.timeout" "config" (dig "probe" "timeout" "" .Values.config) "default" "2s") | fromYaml }}
+{{- if and $interval.ns $timeout.ns (gt (float64 $timeout.ns) (float64 $interval.ns)) }}
+{{- fail (printf "%s=%s exceeds %s=%s: a health check must end before the next one is due (the daemon refuses this pair at start, so every pod would crash-loop); set %s to at most %s" $timeout.name $timeout.text $interval.name $interval.text $timeout.name $interval.text) }}
 {{- end }}
 {{- if and .Values.bindPort .Values.healthPort (eq (.Values.bindPort | int) (.Values.healthPort | int)) }}
 {{- fail (printf "healthPort %d must differ from bindPort %d" (.Values.healthPort | int) (.Values.bindPort | int)) }}
