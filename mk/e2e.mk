@@ -4,7 +4,7 @@
 #
 #   make e2e            build kube-apiserver and kubectl (once) and run test/e2e
 #   make e2e-tools      only build kube-apiserver and kubectl into bin/
-#   make e2e E2E_RUN=TestHealthUnderStress/EtcdOutage
+#   make e2e E2E_RUN=TestHealthUnderStress/EtcdKilled
 #                       run only the tests (or subtests) matching E2E_RUN
 #
 # kube-apiserver and kubectl come from the Go module proxy, pinned in

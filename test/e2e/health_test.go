@@ -45,7 +45,7 @@ func healthDaemonArgs(as []*apiserver) []string {
 // at once: clients that connect and never speak, an etcd outage that makes
 // every apiserver unready while they keep serving watches, and a rolling
 // restart of the apiservers with slow requests in flight. Each subtest can
-// run on its own (go test -run 'TestHealthUnderStress/EtcdOutage').
+// run on its own (go test -run 'TestHealthUnderStress/EtcdKilled').
 func TestHealthUnderStress(t *testing.T) {
 	as := []*apiserver{
 		env.startAPIServer(t, apiserverIPs[0]),
