@@ -51,6 +51,7 @@ type options struct {
 	loadOnly  string
 	scenarios string
 	merge     string
+	logLevel  string
 }
 
 func main() {
@@ -67,6 +68,7 @@ func main() {
 	flag.StringVar(&o.loadOnly, "load-only", "", "only apply one load (keepalive, newconn, bulk1, bulk4) for --duration through the first set-up of --only, for profiling; writes nothing")
 	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
 	flag.StringVar(&o.scenarios, "scenarios", strings.Join(scenarioNames(), ","), "comma-separated chaos scenarios to run")
+	flag.StringVar(&o.logLevel, "ep-log-level", "warn", "extractedprism's --log-level (its log is in the work directory)")
 	flag.StringVar(&o.merge, "merge", "", "results.json of an earlier run: keep its figures and replace only what this run measures (with --runs 0, only the chaos scenarios given)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -168,7 +170,7 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		return fmt.Errorf("work dir: %w", err)
 	}
 	log.Info("bench starting", "setups", setups, "runs", o.runs, "workdir", dir)
-	e := &env{dir: dir, binDir: binDir}
+	e := &env{dir: dir, binDir: binDir, epLogLevel: o.logLevel}
 	for i, n := range []string{"a", "b", "c"} {
 		e.upstreams = append(e.upstreams, &upstream{name: n, addr: fmt.Sprintf("127.0.20.%d:16443", i+1), bin: standinBin, dir: dir, log: log})
 	}
