@@ -4,6 +4,8 @@
 #
 #   make e2e            build kube-apiserver and kubectl (once) and run test/e2e
 #   make e2e-tools      only build kube-apiserver and kubectl into bin/
+#   make e2e E2E_RUN=TestHealthUnderStress/EtcdKilled
+#                       run only the tests (or subtests) matching E2E_RUN
 #
 # kube-apiserver and kubectl come from the Go module proxy, pinned in
 # test/e2e/kube/go.mod (a module of its own, never the product's go.mod).
@@ -19,7 +21,8 @@ E2E_K8S_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitVersion=$(E2E_K8S_VERSION) \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(E2E_K8S_MINOR)
-E2E_TIMEOUT     ?= 25m
+E2E_TIMEOUT     ?= 30m
+E2E_RUN         ?=
 
 .PHONY: e2e e2e-tools
 
@@ -32,6 +35,6 @@ e2e-tools: $(BIN)/kube-apiserver $(BIN)/kubectl
 ## e2e: discovery and the daemon against real kube-apiservers and etcd.
 e2e: need-e2e e2e-tools $(BIN)/extractedprism
 	cd test/e2e && EP_E2E_BIN=$(BIN) EP_E2E_REPORT=$(BIN)/e2e-report.txt \
-	  $(GO) test -race -count=1 -v -timeout $(E2E_TIMEOUT) .
+	  $(GO) test -race -count=1 -v -timeout $(E2E_TIMEOUT) $(if $(E2E_RUN),-run '$(E2E_RUN)') .
 
 CI_TARGETS += e2e

@@ -35,9 +35,11 @@ const (
 
 // env is what the balancers need to know about the machine and upstreams.
 type env struct {
-	dir       string
-	binDir    string
-	upstreams []*upstream
+	dir    string
+	binDir string
+	// epLogLevel is extractedprism's --log-level.
+	epLogLevel string
+	upstreams  []*upstream
 }
 
 func (e *env) upstreamAddrs() []string {
@@ -76,7 +78,7 @@ func (e *env) startBalancer(ctx context.Context, name string) (*proc, time.Durat
 			"--endpoints", strings.Join(e.upstreamAddrs(), ","),
 			"--bind-address", host, "--bind-port", port, "--health-port", hport,
 			"--health-interval", healthEvery.String(), "--health-timeout", healthEvery.String(),
-			"--drain-timeout", epDrainTimout.String(), "--log-level", "warn", "--state-file", "",
+			"--drain-timeout", epDrainTimout.String(), "--log-level", e.epLogLevel, "--state-file", "",
 		}
 	case nameHA:
 		cfg := filepath.Join(e.dir, "haproxy.cfg")

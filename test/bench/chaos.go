@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -130,31 +130,119 @@ type chaosResult struct {
 	TermStreams                     int
 	TermSurviveMedian               float64 // seconds
 	TermSurviveMax                  float64
-	TermExit                        float64 // seconds from SIGTERM to exit, -1 if not within the window
-	TermRefusedAfter                float64 // ms from SIGTERM to the first refused connect, -1 if none
-	TermAccepted, TermServed        int     // connects accepted after SIGTERM, and of those answered
+	TermExit                        float64           // seconds from SIGTERM to exit, -1 if not within the window
+	TermRefusedAfter                float64           // ms from SIGTERM to the first refused connect, -1 if none
+	TermAccepted, TermServed        int               // connects accepted after SIGTERM, and of those answered
+	Silent                          *silentResult     `json:",omitempty"`
+	AllUnready                      *allUnreadyResult `json:",omitempty"`
 	Errors                          []string
 	Failures                        map[string][]string // samples of failed requests per scenario
 }
 
-// chaos runs every chaos scenario against one balancer.
-func (e *env) chaos(ctx context.Context, log *slog.Logger, name string) chaosResult {
-	var r chaosResult
-	scen := []struct {
-		name string
-		run  func(context.Context, *proc) error
-	}{
-		{"kill", func(ctx context.Context, _ *proc) error { return e.chaosKill(ctx, name, &r) }},
-		{"rolling", func(ctx context.Context, _ *proc) error { return e.chaosRolling(ctx, name, &r) }},
-		{"unready", func(ctx context.Context, _ *proc) error { return e.chaosUnready(ctx, name, &r) }},
-		{"sigstop", func(ctx context.Context, _ *proc) error { return e.chaosStop(ctx, name, &r) }},
-		{"sigterm", func(ctx context.Context, p *proc) error { return e.chaosTerm(ctx, name, p, &r) }},
+// scenario is one chaos scenario.
+type scenario struct {
+	name string
+	// handshake is the stand-ins' handshake timeout (0: their default).
+	handshake time.Duration
+	run       func(e *env, ctx context.Context, name string, p *proc, r *chaosResult) error
+	// merge copies this scenario's figures from src to dst.
+	merge func(dst, src *chaosResult)
+	// failures is the key of its samples in chaosResult.Failures.
+	failures string
+}
+
+// scenarios are the chaos scenarios, in the order they run.
+var scenarios = []scenario{
+	{name: "kill", failures: "kill",
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosKill(ctx, name, r)
+		},
+		merge: func(d, s *chaosResult) {
+			d.KillTotal, d.KillFailed, d.KillSlow = s.KillTotal, s.KillFailed, s.KillSlow
+		}},
+	{name: "rolling", failures: "rolling",
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosRolling(ctx, name, r)
+		},
+		merge: func(d, s *chaosResult) {
+			d.RollTotal, d.RollFailed, d.RollSlow = s.RollTotal, s.RollFailed, s.RollSlow
+		}},
+	{name: "unready",
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosUnready(ctx, name, r)
+		},
+		merge: func(d, s *chaosResult) { d.UnreadyFresh, d.UnreadyShare = s.UnreadyFresh, s.UnreadyShare }},
+	{name: "sigstop", failures: "sigstop",
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosStop(ctx, name, r)
+		},
+		merge: func(d, s *chaosResult) {
+			d.StopTotal, d.StopFailed, d.StopSlow = s.StopTotal, s.StopFailed, s.StopSlow
+			d.StopLateFailed, d.StopLateSlow = s.StopLateFailed, s.StopLateSlow
+		}},
+	{name: "sigterm",
+		run: func(e *env, ctx context.Context, name string, p *proc, r *chaosResult) error {
+			return e.chaosTerm(ctx, name, p, r)
+		},
+		merge: func(d, s *chaosResult) {
+			d.TermStreams, d.TermSurviveMedian, d.TermSurviveMax = s.TermStreams, s.TermSurviveMedian, s.TermSurviveMax
+			d.TermExit, d.TermRefusedAfter = s.TermExit, s.TermRefusedAfter
+			d.TermAccepted, d.TermServed = s.TermAccepted, s.TermServed
+		}},
+	{name: "silent", failures: "silent", handshake: silentHandshake,
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosSilent(ctx, name, r)
+		},
+		merge: func(d, s *chaosResult) { d.Silent = s.Silent }},
+	{name: "allunready", failures: "allunready",
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosAllUnready(ctx, name, r)
+		},
+		merge: func(d, s *chaosResult) { d.AllUnready = s.AllUnready }},
+}
+
+// scenarioNames lists every scenario's name.
+func scenarioNames() []string {
+	n := make([]string, len(scenarios))
+	for i, s := range scenarios {
+		n[i] = s.name
 	}
-	for _, s := range scen {
+	return n
+}
+
+// pickScenarios parses --scenarios.
+func pickScenarios(list string) ([]string, error) {
+	var out []string
+	for _, n := range strings.Split(list, ",") {
+		n = strings.TrimSpace(n)
+		if n == "" {
+			continue
+		}
+		if !slices.Contains(scenarioNames(), n) {
+			return nil, fmt.Errorf("--scenarios %q: unknown scenario %q (known: %s)", list, n, strings.Join(scenarioNames(), ", "))
+		}
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// chaos runs the chosen chaos scenarios against one balancer.
+func (e *env) chaos(ctx context.Context, log *slog.Logger, name string, chosen []string) chaosResult {
+	var r chaosResult
+	for _, s := range scenarios {
 		if ctx.Err() != nil {
 			break
 		}
+		if !slices.Contains(chosen, s.name) {
+			continue
+		}
 		log.Info("chaos", "balancer", name, "scenario", s.name)
+		if err := e.useUpstreams(ctx, s.handshake); err != nil {
+			r.Errors = append(r.Errors, fmt.Sprintf("%s: upstreams: %v", s.name, err))
+			continue
+		}
 		if err := e.healUpstreams(ctx); err != nil {
 			r.Errors = append(r.Errors, fmt.Sprintf("%s: heal upstreams: %v", s.name, err))
 			continue
@@ -166,13 +254,31 @@ func (e *env) chaos(ctx context.Context, log *slog.Logger, name string) chaosRes
 		}
 		// Let every balancer see all upstreams healthy (rise 2 x interval).
 		sleepCtx(ctx, 2*healthEvery+500*time.Millisecond)
-		if err := s.run(ctx, p); err != nil {
+		if err := s.run(e, ctx, name, p, &r); err != nil {
 			r.Errors = append(r.Errors, fmt.Sprintf("%s: %v", s.name, err))
 			log.Warn("chaos scenario failed", "balancer", name, "scenario", s.name, "err", err)
 		}
 		p.stop(15 * time.Second)
 	}
 	return r
+}
+
+// useUpstreams (re)starts the stand-ins whose handshake timeout is not the
+// one a scenario needs.
+func (e *env) useUpstreams(ctx context.Context, handshake time.Duration) error {
+	for _, u := range e.upstreams {
+		if u.handshake == handshake && u.p != nil && !u.p.exited() {
+			continue
+		}
+		if u.p != nil {
+			u.p.stop(5 * time.Second)
+		}
+		u.handshake = handshake
+		if err := u.start(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // healUpstreams brings every upstream back: running, not stopped, ready.
@@ -317,46 +423,13 @@ func (e *env) chaosTerm(ctx context.Context, name string, p *proc, r *chaosResul
 	obs := 2*epDrainTimout + 2*time.Second // observation window after SIGTERM
 	ctx, cancel := context.WithTimeout(ctx, obs+30*time.Second)
 	defer cancel()
-	last := make([]time.Time, streams)
-	lines := make([]int, streams)
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	clients := make([]*httpClient, streams)
-	for i := range streams {
-		clients[i] = newHTTPClient(0)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+"/stream?interval=100ms", nil)
-		resp, err := clients[i].Do(req)
-		if err != nil {
-			cancel()
-			wg.Wait()
-			return fmt.Errorf("open stream %d: %w", i, err)
-		}
-		wg.Go(func() {
-			defer func() { _ = resp.Body.Close() }()
-			sc := bufio.NewScanner(resp.Body)
-			for sc.Scan() {
-				mu.Lock()
-				last[i] = time.Now()
-				lines[i]++
-				mu.Unlock()
-			}
-		})
+	ss, err := openStreams(ctx, addr, streams)
+	if err != nil {
+		return err
 	}
-	// Wait until every stream has delivered two lines.
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		mu.Lock()
-		ok := slices.IndexFunc(lines, func(n int) bool { return n < 2 }) < 0
-		mu.Unlock()
-		if ok || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	defer ss.close()
 	tTerm := time.Now()
 	if err := p.signal(syscall.SIGTERM); err != nil {
-		cancel()
-		wg.Wait()
 		return err
 	}
 	r.TermRefusedAfter, r.TermExit = -1, -1
@@ -381,9 +454,7 @@ func (e *env) chaosTerm(ctx context.Context, name string, p *proc, r *chaosResul
 			}
 			scancel()
 		}
-		mu.Lock()
-		alive := slices.IndexFunc(last, func(t time.Time) bool { return time.Since(t) < time.Second }) >= 0
-		mu.Unlock()
+		alive := slices.IndexFunc(ss.lastLines(), func(t time.Time) bool { return time.Since(t) < time.Second }) >= 0
 		if !alive && p.exited() && time.Since(tTerm) > 2*time.Second {
 			break
 		}
@@ -392,13 +463,9 @@ func (e *env) chaosTerm(ctx context.Context, name string, p *proc, r *chaosResul
 	if r.TermExit < 0 && p.exited() {
 		r.TermExit = time.Since(tTerm).Seconds()
 	}
-	cancel()
-	wg.Wait()
-	for _, c := range clients {
-		c.CloseIdleConnections()
-	}
+	ss.close()
 	surv := make([]float64, streams)
-	for i, t := range last {
+	for i, t := range ss.lastLines() {
 		surv[i] = max(0, t.Sub(tTerm).Seconds())
 	}
 	r.TermStreams = streams

@@ -49,6 +49,9 @@ type options struct {
 	noInstall bool
 	render    string
 	loadOnly  string
+	scenarios string
+	merge     string
+	logLevel  string
 }
 
 func main() {
@@ -64,6 +67,9 @@ func main() {
 	flag.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install haproxy and nginx when missing")
 	flag.StringVar(&o.loadOnly, "load-only", "", "only apply one load (keepalive, newconn, bulk1, bulk4) for --duration through the first set-up of --only, for profiling; writes nothing")
 	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
+	flag.StringVar(&o.scenarios, "scenarios", strings.Join(scenarioNames(), ","), "comma-separated chaos scenarios to run")
+	flag.StringVar(&o.logLevel, "ep-log-level", "warn", "extractedprism's --log-level (its log is in the work directory)")
+	flag.StringVar(&o.merge, "merge", "", "results.json of an earlier run: keep its figures and replace only what this run measures (with --runs 0, only the chaos scenarios given)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -104,6 +110,21 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 	binDir, err := filepath.Abs(o.binDir)
 	if err != nil {
 		return fmt.Errorf("--bin %q: %w", o.binDir, err)
+	}
+	scen, err := pickScenarios(o.scenarios)
+	if err != nil {
+		return err
+	}
+	var prev *results
+	if o.merge != "" {
+		b, err := os.ReadFile(o.merge)
+		if err != nil {
+			return fmt.Errorf("--merge %q: %w", o.merge, err)
+		}
+		prev = &results{}
+		if err := json.Unmarshal(b, prev); err != nil {
+			return fmt.Errorf("--merge %q: %w", o.merge, err)
+		}
 	}
 	standinBin := filepath.Join(binDir, "standin")
 	if _, err := os.Stat(standinBin); err != nil {
@@ -149,7 +170,7 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		return fmt.Errorf("work dir: %w", err)
 	}
 	log.Info("bench starting", "setups", setups, "runs", o.runs, "workdir", dir)
-	e := &env{dir: dir, binDir: binDir}
+	e := &env{dir: dir, binDir: binDir, epLogLevel: o.logLevel}
 	for i, n := range []string{"a", "b", "c"} {
 		e.upstreams = append(e.upstreams, &upstream{name: n, addr: fmt.Sprintf("127.0.20.%d:16443", i+1), bin: standinBin, dir: dir, log: log})
 	}
@@ -185,13 +206,20 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 			if s == nameDirect || ctx.Err() != nil {
 				continue
 			}
-			res.Chaos[s] = e.chaos(ctx, log, s)
+			res.Chaos[s] = e.chaos(ctx, log, s, scen)
 			log.Info("chaos done", "setup", s, "result", fmt.Sprintf("%+v", res.Chaos[s]))
 		}
 	}
 	res.Duration = time.Since(began).Seconds()
 	if ctx.Err() != nil {
 		return ctx.Err()
+	}
+	if prev != nil {
+		ran := scen
+		if o.skipChaos {
+			ran = nil
+		}
+		res = mergeResults(*prev, res, ran, o.runs > 0)
 	}
 	return writeOutputs(o, res)
 }

@@ -180,16 +180,22 @@ type upstream struct {
 	dir  string
 	p    *proc
 	log  *slog.Logger
+	// handshake, when set, is the stand-in's --handshake-timeout (how long
+	// a connection may take to send its TLS handshake and request headers).
+	handshake time.Duration
 }
 
 // start runs the stand-in and returns once it printed its listening line.
 func (u *upstream) start(ctx context.Context) error {
+	args := []string{"--listen", u.addr, "--name", u.name, "--live-while-unready", "--log-level", "warn"}
+	if u.handshake > 0 {
+		args = append(args, "--handshake-timeout", u.handshake.String())
+	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("pipe: %w", err)
 	}
-	p, err := startProc(u.dir, "upstream-"+u.name, pw, u.bin,
-		"--listen", u.addr, "--name", u.name, "--live-while-unready", "--log-level", "warn")
+	p, err := startProc(u.dir, "upstream-"+u.name, pw, u.bin, args...)
 	_ = pw.Close()
 	if err != nil {
 		_ = pr.Close()

@@ -265,14 +265,70 @@ func renderMarkdown(res results, chartRel string) string {
 			}
 			return fmt.Sprintf("%.1f s", c.TermExit)
 		})
+		silent := func(f func(*silentResult) string) func(chaosResult) string {
+			return func(c chaosResult) string {
+				if c.Silent == nil {
+					return "–"
+				}
+				return f(c.Silent)
+			}
+		}
+		row(fmt.Sprintf("%d silent clients (connect, never send a byte) for %.0f s, upstreams with a %.0f s handshake timeout: balancer's `/readyz` answering 200", silentClients, silentFor.Seconds(), silentHandshake.Seconds()),
+			silent(func(s *silentResult) string {
+				if s.ReadyzShare < 0 {
+					return "n/a"
+				}
+				return fmt.Sprintf("%.0f%% of the time", 100*s.ReadyzShare)
+			}))
+		row("… upstreams marked down (transitions in `/status`)", silent(func(s *silentResult) string {
+			if s.Downs < 0 {
+				return "n/a"
+			}
+			return fmt.Sprint(s.Downs)
+		}))
+		row("… failed / requests (of those on new connections: failed / requests)", silent(func(s *silentResult) string {
+			return fmt.Sprintf("%d / %d (%d / %d)", s.Failed, s.Total, s.FreshFailed, s.FreshTotal)
+		}))
+		row("… silent connections closed by the balancer (median seconds after connecting)", silent(func(s *silentResult) string {
+			if s.Closed == 0 {
+				return fmt.Sprintf("0 of %d", s.Clients)
+			}
+			return fmt.Sprintf("%d of %d (%.1f s)", s.Closed, s.Clients, s.CloseMedian)
+		}))
+		unready := func(f func(*allUnreadyResult) string) func(chaosResult) string {
+			return func(c chaosResult) string {
+				if c.AllUnready == nil {
+					return "–"
+				}
+				return f(c.AllUnready)
+			}
+		}
+		row(fmt.Sprintf("Every upstream `/readyz` 500 for %.0f s (`/healthz` 200, still serving, as in an etcd outage), %d streams open: streams cut (first, seconds in)", allUnreadyFor.Seconds(), allUnreadyStreams),
+			unready(func(a *allUnreadyResult) string {
+				if a.Cut == 0 {
+					return fmt.Sprintf("0 of %d", a.Streams)
+				}
+				return fmt.Sprintf("%d of %d (%.1f s)", a.Cut, a.Streams, a.FirstCut)
+			}))
+		row("… failed / requests (of those on new connections: failed / requests)", unready(func(a *allUnreadyResult) string {
+			return fmt.Sprintf("%d / %d (%d / %d)", a.Failed, a.Total, a.FreshFailed, a.FreshTotal)
+		}))
+		row("… balancer's `/readyz` answering 200", unready(func(a *allUnreadyResult) string {
+			if a.ReadyzShare < 0 {
+				return "n/a"
+			}
+			return fmt.Sprintf("%.0f%% of the time", 100*a.ReadyzShare)
+		}))
 		w("\nextractedprism ran with `--drain-timeout %s`. ", epDrainTimout)
-		w("haproxy treats SIGTERM as an immediate stop (its graceful stop is SIGUSR1) and nginx as a fast shutdown (graceful is SIGQUIT); SIGTERM is what the kubelet sends a static pod.\n\n")
+		w("haproxy treats SIGTERM as an immediate stop (its graceful stop is SIGUSR1) and nginx as a fast shutdown (graceful is SIGQUIT); SIGTERM is what the kubelet sends a static pod. ")
+		w("In the silent-client scenario the stand-ins run with `--handshake-timeout %.0fs` (Go's `ReadHeaderTimeout`, which covers the TLS handshake; kube-apiserver uses 32 s), so each closes a silent connection after %.0f s; haproxy and nginx have no readiness endpoint of their own (n/a). ", silentHandshake.Seconds(), silentHandshake.Seconds())
+		w("In the all-unready scenario only `/readyz` fails: haproxy checks `/healthz` (kubespray's setting), which a real kube-apiserver also fails while etcd is away, and nginx checks nothing, so neither reacts here.\n\n")
 		w("Samples of the failed requests (time since the fault was injected, then how long the request took):\n\n")
 		for _, s := range cs {
 			for _, e := range res.Chaos[s].Errors {
 				w("- %s: scenario error: %s\n", s, e)
 			}
-			for _, k := range []string{"kill", "rolling", "sigstop"} {
+			for _, k := range []string{"kill", "rolling", "sigstop", "silent", "allunready"} {
 				for _, f := range res.Chaos[s].Failures[k] {
 					w("- %s, %s\n", s, f)
 				}
@@ -344,8 +400,24 @@ func conclusions(res results) []string {
 			fmt.Sprintf("A SIGSTOPped upstream costs no failed request once it is marked down (requests started %s or more after the SIGSTOP): %s (%d failed, %d slower than 1 s; over the whole 12 s %d failed, %d slow; haproxy %s, nginx %s).", stopGrace, verdict(c.StopLateFailed == 0), c.StopLateFailed, c.StopLateSlow, c.StopFailed, c.StopSlow, stopOf(res, nameHA), stopOf(res, nameNginx)),
 			fmt.Sprintf("Streams survive SIGTERM until the drain timeout (%s): %s (median %.1f s, new connects refused from %s).", epDrainTimout, verdict(c.TermSurviveMedian >= epDrainTimout.Seconds()-1.5), c.TermSurviveMedian, refusedOf(c)),
 		)
+		if s := c.Silent; s != nil {
+			out = append(out, fmt.Sprintf("%d silent clients mark no upstream down and `/readyz` stays 200: %s (200 %.0f%% of the time, %d upstreams marked down, %d of %d requests failed).",
+				s.Clients, verdict(s.Downs == 0 && s.ReadyzShare == 1 && s.Failed == 0), 100*s.ReadyzShare, s.Downs, s.Failed, s.Total))
+		}
+		if a := c.AllUnready; a != nil {
+			out = append(out, fmt.Sprintf("Every upstream unready (an etcd outage) cuts no stream and fails no request: %s (%d of %d streams cut, %d of %d requests failed; haproxy %s, nginx %s).",
+				verdict(a.Cut == 0 && a.Failed == 0 && a.Total > 0), a.Cut, a.Streams, a.Failed, a.Total, allUnreadyOf(res, nameHA), allUnreadyOf(res, nameNginx)))
+		}
 	}
 	return out
+}
+
+func allUnreadyOf(res results, s string) string {
+	c, ok := res.Chaos[s]
+	if !ok || c.AllUnready == nil {
+		return "not measured"
+	}
+	return fmt.Sprintf("%d cut, %d failed", c.AllUnready.Cut, c.AllUnready.Failed)
 }
 
 func chaosPair(res results, s string) string {
@@ -438,6 +510,32 @@ func renderChart(path string, res results) error {
 		add("% new conns to /readyz-500 upstream ↓", 0, func(c chaosResult) float64 { return 100 * c.UnreadyShare })
 		add("Failed + slow (>1 s): upstream SIGSTOP ↓", 0, func(c chaosResult) float64 { return float64(c.StopFailed + c.StopSlow) })
 		add("Streams alive after SIGTERM (s) ↑", 1, func(c chaosResult) float64 { return c.TermSurviveMedian })
+		opt := func(title string, prec int, f func(chaosResult) (float64, bool)) {
+			p := panel{title: title, prec: prec}
+			// Only the balancers the figure exists for.
+			for _, s := range cs {
+				if v, ok := f(res.Chaos[s]); ok {
+					p.labels = append(p.labels, s)
+					p.values = append(p.values, v)
+					p.ok = append(p.ok, true)
+				}
+			}
+			if len(p.labels) > 0 {
+				panels = append(panels, p)
+			}
+		}
+		opt(fmt.Sprintf("%% /readyz 200, %d silent clients ↑", silentClients), 0, func(c chaosResult) (float64, bool) {
+			if c.Silent == nil || c.Silent.ReadyzShare < 0 {
+				return 0, false
+			}
+			return 100 * c.Silent.ReadyzShare, true
+		})
+		opt(fmt.Sprintf("Streams cut of %d: all upstreams unready ↓", allUnreadyStreams), 0, func(c chaosResult) (float64, bool) {
+			if c.AllUnready == nil {
+				return 0, false
+			}
+			return float64(c.AllUnready.Cut), true
+		})
 	}
 	const cols = 4
 	rows := (len(panels) + cols - 1) / cols

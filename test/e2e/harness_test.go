@@ -50,10 +50,11 @@ type environment struct {
 	discToken  string
 	caPool     *x509.CertPool
 
-	mu      sync.Mutex
-	procs   []*proc
-	results []string
-	etcdP   *proc
+	mu       sync.Mutex
+	procs    []*proc
+	results  []string
+	etcdP    *proc
+	etcdData string
 }
 
 // discoveryUser is the restricted user the discovery credentials belong to.
@@ -252,6 +253,10 @@ func (e *environment) close() {
 	}
 	if os.Getenv("EP_E2E_KEEP") == "" {
 		_ = os.RemoveAll(e.dir)
+		// etcd's data lives in /dev/shm, outside the work directory.
+		if e.etcdData != "" {
+			_ = os.RemoveAll(e.etcdData)
+		}
 	} else {
 		fmt.Println("e2e: work directory kept in", e.dir)
 	}
@@ -352,14 +357,18 @@ func (p *proc) tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// startEtcd starts the shared etcd and waits for it to be healthy.
+// startEtcd starts the shared etcd and waits for it to be healthy. A
+// restart keeps the data directory of the first start.
 func (e *environment) startEtcd() error {
-	data, err := os.MkdirTemp(shmOr(e.dir), "etcd-")
-	if err != nil {
-		return fmt.Errorf("etcd data directory: %w", err)
+	if e.etcdData == "" {
+		data, err := os.MkdirTemp(shmOr(e.dir), "etcd-")
+		if err != nil {
+			return fmt.Errorf("etcd data directory: %w", err)
+		}
+		e.etcdData = data
 	}
 	p, err := e.start("etcd", e.etcd,
-		"--name=e2e", "--data-dir="+data,
+		"--name=e2e", "--data-dir="+e.etcdData,
 		"--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
 		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
 		"--initial-cluster=e2e=http://127.0.0.1:2380", "--log-level=warn")
