@@ -76,7 +76,8 @@ func newRig(t *testing.T, o Options) *rig {
 	for _, a := range []string{"a:1", "b:1", "c:1"} {
 		r.set.Report(a, true, 0, nil)
 		r.set.Report(a, true, 0, nil) // rise: answering
-		r.set.Pick(func(u *upstream.Upstream) bool { return u.Addr() != a }) // one connection each
+		// one connection each
+		r.set.Pick(func(u *upstream.Upstream) bool { return u.Addr() != a })
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
