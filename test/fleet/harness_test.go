@@ -326,16 +326,6 @@ func (p *proc) kill() {
 	<-p.done
 }
 
-// stop sends SIGTERM and waits up to timeout, then kills.
-func (p *proc) stop(timeout time.Duration) error {
-	p.signal(syscall.SIGTERM)
-	err := p.wait(timeout)
-	if p.running() {
-		p.kill()
-	}
-	return err
-}
-
 // tail returns the last n lines of the process log.
 func (p *proc) tail(n int) string {
 	b, err := os.ReadFile(p.log)
@@ -495,17 +485,6 @@ func (e *environment) ready(a *apiserver) bool {
 	}
 	_ = resp.Body.Close()
 	return resp.StatusCode == http.StatusOK
-}
-
-// answers reports whether the apiserver answers HTTPS requests at all (it
-// serves requests before /readyz passes).
-func (e *environment) answers(a *apiserver) bool {
-	resp, err := e.httpsClient().Get("https://" + a.addr() + "/readyz")
-	if err != nil {
-		return false
-	}
-	_ = resp.Body.Close()
-	return true
 }
 
 // waitReady waits for the apiservers to be ready and returns when the last

@@ -128,7 +128,7 @@ func runH2PING(ctx context.Context, addr string, rate int, ok, failed *atomic.In
 		start := time.Duration(i) * proberInterval / time.Duration(n)
 		wg.Go(func() {
 			conf := &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}
-			var cc *http2.ClientConn
+			var cc *http2.ClientConn //nolint:staticcheck // net/http's ClientConn cannot send a PING frame
 			defer func() {
 				if cc != nil {
 					_ = cc.Close()
@@ -151,7 +151,7 @@ func runH2PING(ctx context.Context, addr string, rate int, ok, failed *atomic.In
 						if err != nil {
 							return err
 						}
-						if cc, err = (&http2.Transport{}).NewClientConn(c); err != nil {
+						if cc, err = (&http2.Transport{}).NewClientConn(c); err != nil { //nolint:staticcheck // as above
 							_ = c.Close()
 							return err
 						}
