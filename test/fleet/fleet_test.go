@@ -22,9 +22,9 @@ import (
 func TestFleet(t *testing.T) {
 	p := loadParams(t)
 	as := []*apiserver{
-		env.startAPIServer(t, apiserverIPs[0], true),
-		env.startAPIServer(t, apiserverIPs[1], true),
-		env.startAPIServer(t, apiserverIPs[2], true),
+		env.startAPIServer(t, apiserverIPs[0], streamAudit),
+		env.startAPIServer(t, apiserverIPs[1], streamAudit),
+		env.startAPIServer(t, apiserverIPs[2], streamAudit),
 	}
 	env.waitReady(t, as...)
 	env.applyRBAC(t, as[0].addr())
@@ -142,7 +142,7 @@ func measureGroup(t *testing.T, as []*apiserver) groupUse {
 // measures when each node routes accordingly.
 func discoveryConvergence(t *testing.T, f *fleet) {
 	sp := env.pollSlice(t)
-	d := env.startAPIServer(t, apiserverIPs[3], false)
+	d := env.startAPIServer(t, apiserverIPs[3], "")
 	addr := d.addr()
 	started := time.Now()
 	listed := sp.waitFor(t, "listing "+addr, started, 3*time.Minute, func(a []string) bool { return slices.Contains(a, addr) })

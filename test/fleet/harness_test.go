@@ -399,9 +399,10 @@ type apiserver struct {
 // addr is the apiserver's host:port.
 func (a *apiserver) addr() string { return net.JoinHostPort(a.ip, "6443") }
 
-// auditPolicy records one event per watch of configmaps (the fleet's client
-// streams), when its response starts: the moment a stream has (re)connected.
-const auditPolicy = `apiVersion: audit.k8s.io/v1
+// streamAudit records one event per watch of configmaps (the fleet's
+// client streams), when its response starts: the moment a stream has
+// (re)connected.
+const streamAudit = `apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived", "ResponseComplete", "Panic"]
 rules:
@@ -411,19 +412,34 @@ rules:
 - level: None
 `
 
+// startupAudit records the nodes' probes (GET /readyz) and discovery
+// requests (lists and watches of EndpointSlices): one event when each
+// response starts (watches) or completes (the rest).
+const startupAudit = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived", "Panic"]
+rules:
+- level: Metadata
+  nonResourceURLs: ["/readyz"]
+- level: Metadata
+  resources: [{group: "discovery.k8s.io", resources: ["endpointslices"]}]
+- level: None
+`
+
 // startAPIServer starts a kube-apiserver on ip (not waiting for it) with
-// the extra flags. With audit, the apiserver logs every configmaps watch to
-// a.auditLog.
-func (e *environment) startAPIServer(t *testing.T, ip string, audit bool, extra ...string) *apiserver {
+// the extra flags. With an audit policy (streamAudit, startupAudit; ""
+// for none), the apiserver logs what it selects to a.auditLog.
+func (e *environment) startAPIServer(t *testing.T, ip, audit string, extra ...string) *apiserver {
 	t.Helper()
 	certDir := filepath.Join(e.dir, "certs-"+ip)
 	auditLog := ""
-	if audit {
-		policy := filepath.Join(e.dir, "audit-policy.yaml")
-		if err := os.WriteFile(policy, []byte(auditPolicy), 0o600); err != nil {
+	if audit != "" {
+		stamp := time.Now().UnixNano()
+		policy := filepath.Join(e.dir, fmt.Sprintf("audit-policy-%s-%d.yaml", ip, stamp))
+		if err := os.WriteFile(policy, []byte(audit), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		auditLog = filepath.Join(e.dir, fmt.Sprintf("audit-%s-%d.log", ip, time.Now().UnixNano()))
+		auditLog = filepath.Join(e.dir, fmt.Sprintf("audit-%s-%d.log", ip, stamp))
 		extra = append(extra, "--audit-policy-file="+policy, "--audit-log-path="+auditLog,
 			"--audit-log-mode=blocking", "--audit-log-format=json")
 	}

@@ -1,6 +1,7 @@
 // Package fleet measures what a fleet of extractedprism nodes costs real
 // kube-apiservers: probe cost per probe style, discovery watches and their
-// convergence, and the reconnect wave when an apiserver dies or hangs.
+// convergence, the reconnect wave when an apiserver dies or hangs, and the
+// probes and discovery requests when every node starts at once.
 //
 // The test binary creates a network namespace of its own, puts the test
 // apiserver addresses (198.51.100.11-14) on its loopback interface and runs

@@ -47,6 +47,7 @@ func (n *node) status(c *http.Client) (status.Document, error) {
 // fleet is N nodes and their client streams.
 type fleet struct {
 	nodes   []*node
+	spawned time.Duration // from the first node's start to the last one's
 	admin   *http.Client
 	streams *streams
 }
@@ -75,6 +76,7 @@ func startFleet(t *testing.T, n int, eps []string, spread string) *fleet {
 	}
 	f := &fleet{admin: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}}
 	dir := t.TempDir()
+	first := time.Now()
 	for i := range n {
 		ip := fmt.Sprintf("127.0.1.%d", i+1)
 		if i >= 250 {
@@ -90,6 +92,7 @@ func startFleet(t *testing.T, n int, eps []string, spread string) *fleet {
 		}
 		f.nodes = append(f.nodes, &node{ip: ip, p: p})
 	}
+	f.spawned = time.Since(first)
 	t.Cleanup(func() { f.stop(t) })
 	f.waitAll(t, "every static endpoint up", 3*time.Minute, func(d status.Document) bool {
 		for _, e := range eps {

@@ -213,7 +213,7 @@ func TestProbeCost(t *testing.T) {
 	p := loadParams(t)
 	// It never lists itself in the kubernetes EndpointSlice, so the fleet
 	// tests that follow do not discover it.
-	a := env.startAPIServer(t, apiserverIPs[3], false, "--endpoint-reconciler-type=none")
+	a := env.startAPIServer(t, apiserverIPs[3], "", "--endpoint-reconciler-type=none")
 	env.waitReady(t, a)
 	// Let the start-up work (controllers, first lease writes) settle.
 	settle(t, a.p.cmd.Process.Pid, 90*time.Second)
