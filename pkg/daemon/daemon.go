@@ -333,6 +333,12 @@ func (d *daemon) proberOptions(cfg config.Config) probe.Options {
 				}
 			}
 		},
+		// Real traffic from an upstream is as good a sign of life as a
+		// probe, and costs the apiserver nothing extra.
+		Heard: func(addr string, within time.Duration) bool {
+			u := d.set.Lookup(addr)
+			return u != nil && d.proxy.HeardWithin(u, within)
+		},
 		Logger: d.log.With("component", "probe"),
 	}
 }

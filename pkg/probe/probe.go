@@ -5,7 +5,10 @@
 // probe is real load on an apiserver when thousands of nodes probe it); in
 // TCP mode a probe is a connect. Results go to a Reporter, which
 // upstream.Set satisfies. ProbeNow asks for an out-of-turn probe, to
-// confirm or clear a failure the proxy saw on a client connection.
+// confirm or clear a failure the proxy saw on a client connection. With
+// Options.Heard, a due probe of a healthy target is skipped while real
+// traffic from it shows it alive: on a busy fleet most probes are, which
+// is most of what probing costs each apiserver.
 package probe
 
 import (
@@ -59,7 +62,12 @@ type Options struct {
 	Reporter Reporter
 	// Observe, if set, is called after every probe.
 	Observe func(addr string, ok bool, d time.Duration)
-	Logger  *slog.Logger
+	// Heard, if set, reports whether real traffic from addr arrived within
+	// the given duration. A due probe of a target whose last probe
+	// succeeded is skipped while it did (see skipWindow), at most
+	// MaxSkipped rounds in a row; ProbeNow's probes are never skipped.
+	Heard  func(addr string, within time.Duration) bool
+	Logger *slog.Logger
 }
 
 func (o Options) withDefaults() Options {
@@ -116,6 +124,21 @@ type target struct {
 // minProbeGap is the shortest time between the start of one probe of a
 // target and the next, however often ProbeNow asks.
 const minProbeGap = 100 * time.Millisecond
+
+// MaxSkipped is how many due probes in a row Heard may skip: a target is
+// probed at least every MaxSkipped+1 rounds (about 10 s at the default 2 s
+// interval), so an apiserver that still sends data but turned unready is
+// noticed even while traffic flows.
+const MaxSkipped = 4
+
+// skipWindow is how recent traffic must be for a due probe to be skipped:
+// the shortest time between two rounds, Interval × (1 − Jitter). Once an
+// upstream stops sending (a hung process, a frozen VM) the next round at
+// the latest finds its traffic older than that and probes, so the first
+// probe after a hang starts no later than without skipping.
+func (o Options) skipWindow() time.Duration {
+	return time.Duration(float64(o.Interval) * (1 - o.Jitter))
+}
 
 // New returns a Prober; nothing runs until Run.
 func New(o Options) *Prober {
@@ -230,11 +253,19 @@ func (p *Prober) loop(ctx context.Context, t *target) {
 	timer := time.NewTimer(0) // first probe at once
 	defer timer.Stop()
 	var last time.Time
+	lastOK, skipped := false, 0
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-timer.C:
+			if lastOK && skipped < MaxSkipped && p.opts.Heard != nil && p.opts.Heard(t.addr, p.opts.skipWindow()) {
+				// Real traffic just showed the upstream alive: a probe
+				// would only add load to it.
+				skipped++
+				timer.Reset(p.next())
+				continue
+			}
 		case <-t.now:
 			if gap := time.Until(last.Add(minProbeGap)); gap > 0 {
 				timer.Reset(gap)
@@ -256,6 +287,7 @@ func (p *Prober) loop(ctx context.Context, t *target) {
 			continue
 		}
 		ok := err == nil
+		lastOK, skipped = ok, 0
 		if !ok && t.tr != nil {
 			// Drop a possibly wedged connection; the next probe dials anew.
 			t.tr.CloseIdleConnections()

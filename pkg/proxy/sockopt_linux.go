@@ -55,3 +55,16 @@ func preferNewest(rc syscall.RawConn) error {
 	}
 	return serr
 }
+
+// receivedWithin reports whether the kernel saw data arrive on rc within d
+// (TCP_INFO's last_data_recv). A connection that has received no data at
+// all does not count: the kernel completes handshakes for a stopped
+// process, so an established connection alone proves nothing.
+func receivedWithin(rc syscall.RawConn, d time.Duration) bool {
+	var ok bool
+	err := rc.Control(func(fd uintptr) {
+		info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		ok = err == nil && info.Bytes_received > 0 && time.Duration(info.Last_data_recv)*time.Millisecond < d
+	})
+	return err == nil && ok
+}

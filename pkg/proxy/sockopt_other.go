@@ -15,3 +15,7 @@ func setReusePort(syscall.RawConn) error { return nil }
 
 // preferNewest is a no-op where reuseport BPF steering does not exist.
 func preferNewest(syscall.RawConn) error { return nil }
+
+// receivedWithin reports false where TCP_INFO is not read: every due probe
+// runs.
+func receivedWithin(syscall.RawConn, time.Duration) bool { return false }

@@ -109,6 +109,7 @@ func renderMarkdown(res results, chartRel string) string {
 	w("extractedprism next to the per-node balancers kubespray deploys (haproxy and nginx, with kubespray's settings) and next to no balancer at all (\"direct\": the clients spread themselves over the three API servers, the physical limit). ")
 	w("Everything runs on one machine over loopback: three stand-in kube-apiservers (HTTPS, HTTP/1.1), the balancer under test and the Go load generator, so all of them share the same %d cores. ", m.Cores)
 	w("This file and the chart are written by `make bench` (about ten minutes); the raw numbers are in [docs/bench/results.json](docs/bench/results.json).\n\n")
+	w("What a whole fleet of nodes costs the real kube-apiservers (health probes of each style, discovery watches, reconnect waves when an apiserver dies) is measured separately: [docs/fleet.md](docs/fleet.md).\n\n")
 	w("![benchmark chart](%s)\n\n", chartRel)
 
 	w("## Machine\n\n")

@@ -20,7 +20,11 @@ import (
 // TLS handshake it already answered; no TCP balancer can save those, since
 // bytes have reached the client.)
 func TestRollingRestartUnderLoad(t *testing.T) {
-	const delay = "--shutdown-delay=3s" // more than fall x (interval x 1.2 + timeout)
+	// More than the time a busy upstream's readiness may go unprobed
+	// (probe.MaxSkipped rounds skipped while traffic flows, then fall
+	// failed probes): (4 + 2) x interval x 1.2 = 7.2 s, with room for a
+	// loaded machine.
+	const delay = "--shutdown-delay=10s"
 	ss := make([]*standinProc, 3)
 	for i := range ss {
 		ss[i] = startStandin(t, string(rune('a'+i)), loopback(freePort(t)), delay)
