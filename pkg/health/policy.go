@@ -236,7 +236,11 @@ func (p *Policy) evaluate(ctx context.Context, wg *sync.WaitGroup) time.Duration
 			continue
 		}
 		if !o.Set.OtherAnswering(u) {
-			continue // nowhere better: keep everything; a transition wakes us
+			// Nowhere better: keep everything. Another upstream may start
+			// answering without a transition (an up one answering its
+			// probes again), so look again in a second.
+			next = min(next, time.Second)
+			continue
 		}
 		if pd.waitBetter {
 			// All were down when this one went down. Close only if a probe

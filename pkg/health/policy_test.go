@@ -68,8 +68,14 @@ type rig struct {
 // connection, and a running policy fed by the set.
 func newRig(t *testing.T, o Options) *rig {
 	t.Helper()
+	return newRigFall(t, o, 1)
+}
+
+// newRigFall is newRig with the set's fall threshold.
+func newRigFall(t *testing.T, o Options, fall int) *rig {
+	t.Helper()
 	r := &rig{cl: &closer{}}
-	r.set = upstream.NewSet(upstream.Options{Rise: 2, Fall: 1, OnTransition: func(tr upstream.Transition) { r.pol.Transition(tr) }})
+	r.set = upstream.NewSet(upstream.Options{Rise: 2, Fall: fall, OnTransition: func(tr upstream.Transition) { r.pol.Transition(tr) }})
 	o.Set, o.Closer = r.set, r.cl
 	r.pol = New(o)
 	r.set.Reconcile([]upstream.Endpoint{{Address: "a:1"}, {Address: "b:1"}, {Address: "c:1"}})
@@ -194,5 +200,29 @@ func TestCloseOnDownOff(t *testing.T) {
 	calls := waitCalls(t, r.cl, 1, 10*time.Second)
 	if calls[0].addr != "b:1" {
 		t.Fatalf("close requests = %+v; with close_on_down off nothing is closed", calls)
+	}
+}
+
+func TestAnUpUpstreamAnsweringAgainGivesSomewhereToGo(t *testing.T) {
+	r := newRigFall(t, Options{CloseOnDown: true}, 2)
+	// b and c slow (one timeout each: still up, no longer answering),
+	// then a fails for real: nowhere better to go, nothing is closed.
+	r.set.Report("b:1", false, 0, errTimeout)
+	r.set.Report("c:1", false, 0, errTimeout)
+	r.set.Report("a:1", false, 0, errReset)
+	r.set.Report("a:1", false, 0, errReset)
+	// c answers again (rise) without any state transition, and a's probes
+	// keep failing: a's connections now have somewhere to go.
+	answered := time.Now()
+	r.set.Report("c:1", true, 0, nil)
+	r.set.Report("c:1", true, 0, nil)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(r.cl.get()) == 0 && time.Now().Before(deadline) {
+		r.set.Report("a:1", false, 0, errReset) // the prober's next rounds
+		time.Sleep(100 * time.Millisecond)      // a probe interval, not synchronisation
+	}
+	calls := waitCalls(t, r.cl, 1, time.Second)
+	if calls[0].addr != "a:1" || calls[0].at.Before(answered) {
+		t.Fatalf("close requests = %+v, want a:1 once c answers again", calls)
 	}
 }
