@@ -181,6 +181,7 @@ type acceptLoop struct {
 	ln      net.Listener
 	stopped atomic.Bool
 	stop    chan struct{}
+	done    chan struct{} // closed when the loop has returned
 }
 
 // New returns a Server. Call Serve to add listeners and Run to operate it.
@@ -217,7 +218,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	if s.draining {
 		return ErrShutdown
 	}
-	al := &acceptLoop{ln: ln, stop: make(chan struct{})}
+	al := &acceptLoop{ln: ln, stop: make(chan struct{}), done: make(chan struct{})}
 	s.listeners[ln] = al
 	s.wg.Add(1)
 	go s.acceptLoop(al)
@@ -396,43 +397,43 @@ func (s *Server) successorServes() bool {
 	return false
 }
 
-// stopAccepting closes every listener and refuses connections accepted
-// from now on.
+// stopAccepting closes every listener, waits until their accept loops
+// have returned, and only then marks the Server shut down: a connection
+// an accept loop took in the meantime is tracked and served, not accepted
+// and dropped (under socket activation, connects that come after the
+// close wait in the shared socket for the next process).
 func (s *Server) stopAccepting() {
 	s.mu.Lock()
-	loops := s.takeListeners()
-	s.mu.Unlock()
-	for _, al := range loops {
-		al.close()
-	}
-}
-
-// takeListeners marks the Server shut down and removes its listeners;
-// s.mu must be held.
-func (s *Server) takeListeners() []*acceptLoop {
-	s.shutdown = true
 	loops := make([]*acceptLoop, 0, len(s.listeners))
 	for ln, al := range s.listeners {
 		loops = append(loops, al)
 		delete(s.listeners, ln)
 	}
-	return loops
-}
-
-// stopIfIdle stops accepting if no connection is tracked, atomically with
-// the check, and reports whether it did (the drain is then over).
-func (s *Server) stopIfIdle() bool {
-	s.mu.Lock()
-	if len(s.conns) > 0 {
-		s.mu.Unlock()
-		return false
-	}
-	loops := s.takeListeners()
 	s.mu.Unlock()
 	for _, al := range loops {
 		al.close()
+		<-al.done
 	}
-	return true
+	s.mu.Lock()
+	s.shutdown = true
+	s.mu.Unlock()
+}
+
+// stopIfIdle stops accepting if no connection is tracked, and reports
+// whether the Server is still idle once its accept loops have returned
+// (the drain is then over). A connection accepted in between keeps the
+// drain going.
+func (s *Server) stopIfIdle() bool {
+	s.mu.Lock()
+	idle := len(s.conns) == 0
+	s.mu.Unlock()
+	if !idle {
+		return false
+	}
+	s.stopAccepting()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns) == 0
 }
 
 // cutAll closes every connection still open at the end of the drain.
@@ -622,6 +623,7 @@ func (s *Server) assign(c *conn, u *upstream.Upstream, up net.Conn) bool {
 // kernel's backlog meanwhile.
 func (s *Server) acceptLoop(al *acceptLoop) {
 	defer s.wg.Done()
+	defer close(al.done)
 	var delay time.Duration
 	for {
 		c, err := al.ln.Accept()
