@@ -512,9 +512,10 @@ func (s *Server) CloseUpstream(ctx context.Context, u *upstream.Upstream, spread
 			complete = false
 			break
 		}
-		if c.upstream() == u && c.kill(reasonDown) {
+		if c.upstream() == u && c.claim(reasonDown) {
 			closed++
 			o.Observer.ClosedOnDown(1)
+			c.closeNow()
 		}
 	}
 	if closed > 0 {
@@ -736,11 +737,27 @@ func (c *conn) upstream() *upstream.Upstream {
 // kill closes both legs; the copy goroutines then end. It reports whether
 // this call killed c (false if it was killed before).
 func (c *conn) kill(reason string) bool {
+	first := c.claim(reason)
+	c.closeNow()
+	return first
+}
+
+// claim records why c is being closed and reports whether this is the
+// first reason given. Callers that count closes count them between claim
+// and closeNow, so a counter never lags the close its client sees.
+func (c *conn) claim(reason string) bool {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	first := c.killed == ""
 	if first {
 		c.killed = reason
 	}
+	return first
+}
+
+// closeNow cancels c's work and closes both of its sockets.
+func (c *conn) closeNow() {
+	c.mu.Lock()
 	up := c.up
 	c.mu.Unlock()
 	c.cancel()
@@ -748,7 +765,6 @@ func (c *conn) kill(reason string) bool {
 	if up != nil {
 		_ = up.Close()
 	}
-	return first
 }
 
 func (c *conn) killReason() string {

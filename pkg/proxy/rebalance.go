@@ -131,8 +131,11 @@ func (s *Server) rebalanceOnce(o *Options, now time.Time, closedLastMinute int) 
 	if oldest == nil {
 		return false
 	}
-	oldest.kill(reasonRebalance)
+	if !oldest.claim(reasonRebalance) {
+		return false // closed for another reason since the count above
+	}
 	o.Observer.Rebalanced()
+	oldest.closeNow()
 	o.Logger.Info("rebalanced a connection", "upstream", busiest.u.Addr(), "upstream_connections", busiest.n,
 		"fair_share", fair, "age", now.Sub(oldest.start).Round(time.Second))
 	return true
