@@ -1,15 +1,20 @@
 // Package proxy accepts client connections and forwards their raw TCP
 // streams to upstreams picked from an upstream.Set.
 //
-// A Server owns its accept loops (one per listener given to Serve), one
-// goroutine pair per proxied connection, and the optional rebalancer; Run
-// stops and waits for all of them. A failed connect is reported to the
-// upstream set as a passive failure (a probe then decides whether the
-// upstream is down) and the same client connection is tried on the next
-// upstream. Until an upstream has sent its first byte, a client's TLS
-// handshake is kept and may be replayed to another upstream (see
-// replay.go); after that the bytes flow through io.Copy between
-// *net.TCPConn values, which the kernel splices.
+// A Server owns its accept loops (one per listener given to Serve), the
+// event loops of its data path (relay), and the optional rebalancer; Run
+// stops and waits for all of them. A connection goes through two phases:
+//
+//   - Connecting, in a goroutine of its own: the upstream is dialled; a
+//     failed connect is reported to the upstream set as a passive failure
+//     (a probe then decides whether the upstream is down) and the same
+//     client connection is tried on the next upstream. With replay, the
+//     client's TLS handshake is kept until the upstream's first byte and
+//     may be replayed to another upstream (see replay.go).
+//   - Established: once the upstream has answered (at once without
+//     replay), both sockets are handed to the relay's event loops (see
+//     relay_linux.go) and the goroutine ends. An established connection
+//     costs a small struct and no goroutine or buffer while idle.
 //
 // Connections are tracked from the moment they are accepted, indexed by the
 // upstream they ride on, so that closing one upstream's connections
@@ -23,7 +28,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -159,6 +163,11 @@ type Server struct {
 	// rlog logs bursts of identical failures once per window with a count.
 	rlog *ratelog.Limiter
 
+	// relay carries established connections; started at the first one.
+	relayOnce sync.Once
+	relay     *relay
+	relayErr  error
+
 	active    atomic.Int64
 	acceptErr atomic.Pointer[acceptFailure]
 	loopDied  atomic.Bool
@@ -292,6 +301,10 @@ func (s *Server) Run(ctx context.Context) error {
 	<-ctx.Done()
 	s.drain()
 	s.wg.Wait()
+	s.relayOnce.Do(func() {}) // no relay may start from now on
+	if s.relay != nil {
+		s.relay.stop()
+	}
 	rbCancel()
 	<-rbDone
 	<-rbDone
@@ -695,6 +708,9 @@ type conn struct {
 	mu sync.Mutex
 	up net.Conn
 	u  *upstream.Upstream
+	// flow carries the connection once established; client and up are
+	// closed then, their sockets live on in flow.
+	flow *flow
 	// moved: the balancer closed the upstream leg to move the connection
 	// (replay phase); that close is no failure of the upstream.
 	moved  bool
@@ -711,6 +727,9 @@ func newConn(client net.Conn, now time.Time) *conn {
 func (c *conn) closeUpstreamLeg() {
 	c.mu.Lock()
 	up := c.up
+	if c.flow != nil {
+		up = nil // answered meanwhile: nothing to replay any more
+	}
 	if up != nil {
 		c.moved = true
 	}
@@ -755,16 +774,37 @@ func (c *conn) claim(reason string) bool {
 	return first
 }
 
-// closeNow cancels c's work and closes both of its sockets.
+// closeNow cancels c's work and closes both of its sockets (shuts them
+// down, once established, and the relay closes them).
 func (c *conn) closeNow() {
 	c.mu.Lock()
-	up := c.up
+	up, f := c.up, c.flow
 	c.mu.Unlock()
 	c.cancel()
+	if f != nil {
+		f.kill()
+		return
+	}
 	_ = c.client.Close()
 	if up != nil {
 		_ = up.Close()
 	}
+}
+
+// heardWithin reports whether c's upstream socket received data within d.
+func (c *conn) heardWithin(d time.Duration) bool {
+	c.mu.Lock()
+	up, f := c.up, c.flow
+	c.mu.Unlock()
+	if f != nil {
+		return f.heard(d)
+	}
+	sc, ok := up.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	return err == nil && receivedWithin(rc, d)
 }
 
 func (c *conn) killReason() string {
@@ -773,12 +813,19 @@ func (c *conn) killReason() string {
 	return c.killed
 }
 
+// handle runs c's connecting phase and hands it to the relay; whoever ends
+// c (handle itself, or the relay once established) untracks it.
 func (s *Server) handle(c *conn) {
-	defer s.wg.Done()
-	defer s.untrack(c)
-	defer c.cancel()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			c.cancel()
+			_ = c.client.Close()
+			s.untrack(c)
+			s.wg.Done()
+		}
+	}()
 	client := c.client
-	defer func() { _ = client.Close() }()
 	o := s.opts.Load()
 	o.Observer.Accepted()
 	tuneConn(client, o)
@@ -802,14 +849,79 @@ func (s *Server) handle(c *conn) {
 	}
 	o.Observer.ConnOpened(u)
 	if o.Replay {
-		s.pipeReplay(o, c, up, u, tried)
+		handedOff = s.pipeReplay(o, c, up, u, tried)
 		return
 	}
-	sent, recv := pipe(client, up)
-	u.Release()
-	o.Observer.ConnClosed(u, sent, recv)
-	o.Logger.Debug("connection closed", "client", client.RemoteAddr().String(), "upstream", u.Addr(),
-		"sent", sent, "received", recv, "reason", c.killReason())
+	handedOff = true
+	s.establish(o, c, u, up, handoff{})
+}
+
+// handoff is what the connecting phase passes on to the relay.
+type handoff struct {
+	// clientEOF: the client has half-closed, and that was passed on.
+	clientEOF bool
+	// sent and received count the bytes already moved.
+	sent, received int64
+}
+
+// establish hands c, riding on u through up, to the relay. From then on
+// the relay owns c: when the connection ends it releases u's place,
+// reports the bytes, and untracks c. If the sockets cannot be handed over
+// (out of descriptors, or c was closed meanwhile), c ends here at once.
+func (s *Server) establish(o *Options, c *conn, u *upstream.Upstream, up net.Conn, h handoff) {
+	end := func(sent, received int64, err error) {
+		u.Release()
+		sent, received = sent+h.sent, received+h.received
+		o.Observer.ConnClosed(u, sent, received)
+		if o.Logger.Enabled(context.Background(), slog.LevelDebug) {
+			reason := c.killReason()
+			if reason == "" && err != nil {
+				reason = err.Error()
+			}
+			o.Logger.Debug("connection closed", "client", c.client.RemoteAddr().String(), "upstream", u.Addr(),
+				"sent", sent, "received", received, "reason", reason)
+		}
+		c.cancel()
+		s.untrack(c)
+		s.wg.Done()
+	}
+	r, err := s.startRelay()
+	var f *flow
+	if err == nil {
+		f, err = newFlow(c.client, up, h.clientEOF, end)
+	}
+	if err != nil {
+		_ = c.client.Close()
+		_ = up.Close()
+		if failure.LocalExhaustion(err) && c.killReason() == "" {
+			s.rlog.Log(context.Background(), slog.LevelWarn, "relay", "client connection closed: cannot hand it to the data path", "err", err)
+		}
+		end(0, 0, err)
+		return
+	}
+	c.mu.Lock()
+	c.flow = f
+	killed := c.killed != ""
+	c.mu.Unlock()
+	if killed {
+		f.kill() // closed while being handed over: the relay ends it
+	}
+	r.add(f)
+}
+
+// startRelay starts the relay's event loops at the first established
+// connection; it fails only if the kernel refuses them.
+func (s *Server) startRelay() (*relay, error) {
+	s.relayOnce.Do(func() {
+		s.relay, s.relayErr = newRelay()
+		if s.relayErr != nil {
+			s.relayErr = fmt.Errorf("start the data path: %w", s.relayErr)
+		}
+	})
+	if s.relay == nil && s.relayErr == nil {
+		return nil, ErrShutdown
+	}
+	return s.relay, s.relayErr
 }
 
 var errNoUpstream = errors.New("no upstream reachable")
@@ -884,38 +996,6 @@ func tuneConn(c net.Conn, o *Options) {
 }
 
 type closeWriter interface{ CloseWrite() error }
-
-// pipe copies both ways until both directions ended, forwarding
-// half-close, and returns the bytes sent to and received from upstream.
-func pipe(client, up net.Conn) (sent, received int64) {
-	done := make(chan int64, 1)
-	go copyClientToUpstream(up, client, done)
-	received = copyHalf(client, up)
-	sent = <-done
-	_ = up.Close()
-	return sent, received
-}
-
-// copyClientToUpstream is the client-to-upstream half of pipe.
-func copyClientToUpstream(up, client net.Conn, done chan<- int64) {
-	done <- copyHalf(up, client)
-}
-
-// copyHalf copies src to dst; on EOF it half-closes dst, on error it
-// closes both so the other direction ends too.
-func copyHalf(dst, src net.Conn) int64 {
-	n, err := io.Copy(dst, src)
-	if err == nil {
-		if cw, ok := dst.(closeWriter); ok {
-			if cw.CloseWrite() == nil {
-				return n
-			}
-		}
-	}
-	_ = dst.Close()
-	_ = src.Close()
-	return n
-}
 
 type nopObserver struct{}
 

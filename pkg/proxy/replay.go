@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -38,7 +39,8 @@ import (
 // Any other record type (application data 23, i.e. 0-RTT, or non-TLS
 // bytes) makes the connection non-replayable, and it fails as it would
 // without a balancer. Once the first upstream byte arrives the kept bytes
-// are dropped and the connection continues on the zero-copy path.
+// are dropped, both goroutines stop and the connection is handed to the
+// relay (establish).
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 
@@ -67,50 +69,48 @@ type session struct {
 	sent      int64
 }
 
-func (s *Server) pipeReplay(o *Options, c *conn, up net.Conn, u *upstream.Upstream, tried map[*upstream.Upstream]bool) {
+// pipeReplay runs the replay phase of c and reports whether c was handed
+// to the relay (which then owns it); if not, c has ended.
+func (s *Server) pipeReplay(o *Options, c *conn, up net.Conn, u *upstream.Upstream, tried map[*upstream.Upstream]bool) bool {
 	ss := &session{s: s, o: o, c: c, up: up, u: u, replayable: true}
 	c.replaying.Store(true)
 	defer c.replaying.Store(false)
 	clientDone := make(chan struct{})
 	go ss.clientLoop(clientDone)
-	received := ss.upstreamLoop(tried)
+	received, answered := ss.upstreamLoop(tried)
 	<-clientDone
 	ss.mu.Lock()
 	if ss.fbTimer != nil {
 		ss.fbTimer.Stop()
 	}
-	up, u, sent := ss.up, ss.u, ss.sent
+	up, u, sent, clientEOF, clientErr := ss.up, ss.u, ss.sent, ss.clientEOF, ss.clientErr
 	ss.mu.Unlock()
+	if answered && clientErr == nil {
+		s.establish(o, c, u, up, handoff{clientEOF: clientEOF, sent: sent, received: received})
+		return true
+	}
 	_ = up.Close()
 	u.Release()
 	o.Observer.ConnClosed(u, sent, received)
 	o.Logger.Debug("connection closed", "client", c.client.RemoteAddr().String(), "upstream", u.Addr(),
 		"sent", sent, "received", received, "reason", c.killReason())
+	return false
 }
 
-// clientLoop copies client to upstream. Before the first upstream byte it
-// reads by hand and keeps what it forwards; afterwards it uses io.Copy.
+// clientLoop copies client to upstream until the upstream's first byte,
+// keeping what it forwards; upstreamLoop then stops it with a read
+// deadline.
 func (ss *session) clientLoop(done chan<- struct{}) {
 	defer close(done)
 	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
 	buf := *bp
-	defer func() {
-		if bp != nil {
-			bufPool.Put(bp)
-		}
-	}()
 	client := ss.c.client
 	for {
 		ss.mu.Lock()
-		answered, up := ss.answered, ss.up
+		answered := ss.answered
 		ss.mu.Unlock()
 		if answered {
-			bufPool.Put(bp)
-			bp = nil
-			n := copyHalf(up, client)
-			ss.mu.Lock()
-			ss.sent += n
-			ss.mu.Unlock()
 			return
 		}
 		n, rerr := client.Read(buf)
@@ -119,7 +119,13 @@ func (ss *session) clientLoop(done chan<- struct{}) {
 		}
 		if rerr != nil {
 			ss.mu.Lock()
-			if errors.Is(rerr, io.EOF) {
+			answered := ss.answered
+			ss.mu.Unlock()
+			if answered && errors.Is(rerr, os.ErrDeadlineExceeded) {
+				return // stopped for the handoff
+			}
+			ss.mu.Lock()
+			if errors.Is(rerr, io.EOF) && ss.clientErr == nil {
 				ss.clientEOF = true
 				if cw, ok := ss.up.(closeWriter); ok {
 					_ = cw.CloseWrite()
@@ -180,9 +186,11 @@ func (ss *session) armFirstByteTimer() {
 }
 
 // upstreamLoop waits for the first upstream byte, replaying to other
-// upstreams on failure, then copies upstream to client. It returns the
-// bytes received from upstreams.
-func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
+// upstreams on failure, passes it to the client and stops clientLoop. It
+// returns the bytes received from upstreams and whether the upstream
+// answered and the client took the answer (the connection is then ready
+// for the relay).
+func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) (int64, bool) {
 	client := ss.c.client
 	bp := bufPool.Get().(*[]byte)
 	buf := *bp
@@ -201,15 +209,15 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 				ss.fbTimer = nil
 			}
 			ss.mu.Unlock()
-			_ = up.SetReadDeadline(time.Time{})
+			_ = client.SetReadDeadline(time.Now()) // stops clientLoop
 			_, werr := client.Write(buf[:n])
 			bufPool.Put(bp)
 			if werr != nil {
 				_ = up.Close()
 				_ = client.Close()
-				return int64(n)
+				return int64(n), false
 			}
-			return int64(n) + copyHalf(client, up)
+			return int64(n), true
 		}
 		// The upstream failed before its first byte.
 		ss.mu.Lock()
@@ -217,7 +225,7 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
 			_ = client.Close()
-			return 0
+			return 0, false
 		}
 		moved := ss.c.movedByBalancer(up)
 		if !moved && (ss.clientEOF || ss.fromClient == 0) {
@@ -228,21 +236,21 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
 			if cw, ok := client.(closeWriter); ok && errors.Is(err, io.EOF) && cw.CloseWrite() == nil {
-				return 0
+				return 0, false
 			}
 			_ = client.Close()
-			return 0
+			return 0, false
 		}
 		if !ss.replayable && ss.forwarded > 0 {
 			ss.mu.Unlock()
 			bufPool.Put(bp)
 			if errors.Is(err, io.EOF) {
 				if cw, ok := client.(closeWriter); ok && cw.CloseWrite() == nil {
-					return 0
+					return 0, false
 				}
 			}
 			_ = client.Close()
-			return 0
+			return 0, false
 		}
 		timedOut := ss.fbExpired == up
 		reason := firstByteFailure(err, timedOut, moved, ss.o.FirstByteTimeout)
@@ -275,7 +283,7 @@ func (ss *session) upstreamLoop(tried map[*upstream.Upstream]bool) int64 {
 					"reason", fmt.Errorf("%s, then: %w", reason, derr))
 			}
 			_ = client.Close()
-			return 0
+			return 0, false
 		}
 		if !failedOverBefore {
 			ss.o.Observer.Failover()

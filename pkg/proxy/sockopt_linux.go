@@ -63,8 +63,13 @@ func preferNewest(rc syscall.RawConn) error {
 func receivedWithin(rc syscall.RawConn, d time.Duration) bool {
 	var ok bool
 	err := rc.Control(func(fd uintptr) {
-		info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-		ok = err == nil && info.Bytes_received > 0 && time.Duration(info.Last_data_recv)*time.Millisecond < d
+		ok = receivedOnFD(int(fd), d)
 	})
 	return err == nil && ok
+}
+
+// receivedOnFD is receivedWithin for a bare descriptor.
+func receivedOnFD(fd int, d time.Duration) bool {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	return err == nil && info.Bytes_received > 0 && time.Duration(info.Last_data_recv)*time.Millisecond < d
 }

@@ -1,0 +1,497 @@
+//go:build linux
+
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The established-connection data path.
+//
+// Once a connection's upstream has answered (or at once without replay),
+// its two sockets leave Go's runtime poller: handoff duplicates their
+// descriptors, closes the net.Conn values and gives the pair to one of a
+// few event loops (one per GOMAXPROCS). Each loop owns an epoll instance
+// (edge-triggered), one read buffer that all its connections share, and the
+// flows registered with it. A flow costs no goroutine and no buffer while
+// idle: bytes are read into the loop's buffer and written straight to the
+// other socket; only when that socket cannot take them all is the rest
+// copied into a buffer of the flow's own, and reading from the source
+// stops until it is flushed (the kernel's socket buffers then push back on
+// the sender, as with any TCP proxy).
+//
+// Half-close is forwarded: a read of 0 bytes (FIN) from one side becomes
+// shutdown(SHUT_WR) on the other once everything before it was written. A
+// flow ends when both directions have ended, or at once on an error on
+// either socket; then both descriptors are closed and the connection is
+// untracked, its upstream place released and its bytes reported.
+//
+// Ownership: a loop goroutine alone reads and writes a flow's sockets and
+// its loop-owned fields. Other goroutines touch a flow only through kill
+// (shutdown of both sockets, which the loop then sees as the end of both
+// directions) and heard (a TCP_INFO read); both hold flow.mu, which the
+// loop also holds while closing the descriptors, so neither ever acts on a
+// descriptor number after it was closed and possibly reused.
+
+// relayReadBytes is the size of each loop's shared read buffer, and
+// relayBudget how many reads one side of a flow gets per turn before the
+// loop serves other flows.
+const (
+	relayReadBytes = 64 << 10
+	relayBudget    = 4
+)
+
+// relay is the set of event loops of one Server.
+type relay struct {
+	loops []*loop
+	next  uint32
+	mu    sync.Mutex // guards next
+	wg    sync.WaitGroup
+}
+
+func newRelay() (*relay, error) {
+	n := max(1, runtime.GOMAXPROCS(0))
+	r := &relay{}
+	for range n {
+		l, err := newLoop()
+		if err != nil {
+			r.stop()
+			return nil, err
+		}
+		r.loops = append(r.loops, l)
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			l.run()
+		}()
+	}
+	return r, nil
+}
+
+// add gives f to the next loop, round robin.
+func (r *relay) add(f *flow) {
+	r.mu.Lock()
+	l := r.loops[r.next%uint32(len(r.loops))]
+	r.next++
+	r.mu.Unlock()
+	l.add(f)
+}
+
+// stop ends every loop and waits for them. Flows still registered are
+// torn down first, as if killed.
+func (r *relay) stop() {
+	for _, l := range r.loops {
+		l.stop()
+	}
+	r.wg.Wait()
+}
+
+// loop is one event loop: an epoll instance, its flows and its buffer.
+type loop struct {
+	epfd int
+	wake int // eventfd: new flows queued, or stop
+
+	mu       sync.Mutex // guards queued and stopping
+	queued   []*flow
+	stopping bool
+
+	// Owned by the loop goroutine.
+	flows []*flow // by slot
+	free  []int32
+	ready []*flow // flows with work left after their budget
+	buf   []byte
+}
+
+func newLoop() (*loop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		_ = unix.Close(epfd)
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: -1}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &ev); err != nil {
+		_ = unix.Close(wake)
+		_ = unix.Close(epfd)
+		return nil, fmt.Errorf("epoll_ctl eventfd: %w", err)
+	}
+	return &loop{epfd: epfd, wake: wake, buf: make([]byte, relayReadBytes)}, nil
+}
+
+func (l *loop) add(f *flow) {
+	l.mu.Lock()
+	l.queued = append(l.queued, f)
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *loop) stop() {
+	l.mu.Lock()
+	l.stopping = true
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *loop) signal() {
+	one := [8]byte{1}
+	for {
+		_, err := unix.Write(l.wake, one[:])
+		if !errors.Is(err, unix.EINTR) {
+			return // EAGAIN: the counter is full, a wake is pending anyway
+		}
+	}
+}
+
+func (l *loop) run() {
+	defer func() {
+		_ = unix.Close(l.wake)
+		_ = unix.Close(l.epfd)
+	}()
+	events := make([]unix.EpollEvent, 128)
+	for {
+		timeout := -1
+		if len(l.ready) > 0 {
+			timeout = 0
+		}
+		n, err := unix.EpollWait(l.epfd, events, timeout)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			// Cannot happen with a valid epfd and buffer; end every flow
+			// rather than spin.
+			l.shutdown()
+			return
+		}
+		for i := range n {
+			ev := &events[i]
+			if ev.Fd < 0 {
+				var b [8]byte
+				_, _ = unix.Read(l.wake, b[:])
+				continue
+			}
+			f := l.flows[ev.Fd]
+			if f == nil {
+				continue // ended earlier in this batch
+			}
+			side := int(ev.Pad)
+			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				f.readable[side] = true
+			}
+			if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				f.hup[side] = true
+			}
+			if ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				f.writable[side] = true
+			}
+			l.serve(f)
+		}
+		if ready := l.ready; len(ready) > 0 {
+			l.ready = nil
+			for _, f := range ready {
+				f.queued = false
+				if l.flows[f.slot] == f {
+					l.serve(f)
+				}
+			}
+		}
+		l.mu.Lock()
+		queued, stopping := l.queued, l.stopping
+		l.queued = nil
+		l.mu.Unlock()
+		for _, f := range queued {
+			l.register(f)
+		}
+		if stopping {
+			l.shutdown()
+			return
+		}
+	}
+}
+
+// register takes f into the loop: a slot, then both sockets in epoll.
+func (l *loop) register(f *flow) {
+	if len(l.free) > 0 {
+		f.slot = l.free[len(l.free)-1]
+		l.free = l.free[:len(l.free)-1]
+		l.flows[f.slot] = f
+	} else {
+		f.slot = int32(len(l.flows)) //nolint:gosec // bounded by descriptors
+		l.flows = append(l.flows, f)
+	}
+	// Both sides may already hold data or be writable: assume so, and let
+	// the first reads and writes find out.
+	f.readable = [2]bool{true, true}
+	f.writable = [2]bool{true, true}
+	for side := range 2 {
+		ev := unix.EpollEvent{
+			Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
+			Fd:     f.slot,
+			Pad:    int32(side), //nolint:gosec // 0 or 1
+		}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, f.fd[side], &ev); err != nil {
+			f.err = fmt.Errorf("epoll_ctl: %w", err)
+			l.end(f)
+			return
+		}
+	}
+	l.serve(f)
+}
+
+// shutdown ends every flow still in the loop.
+func (l *loop) shutdown() {
+	l.mu.Lock()
+	queued := l.queued
+	l.queued = nil
+	l.mu.Unlock()
+	for _, f := range queued {
+		f.err = errRelayStopped
+		f.finish()
+	}
+	for _, f := range l.flows {
+		if f != nil {
+			f.err = errRelayStopped
+			l.end(f)
+		}
+	}
+}
+
+var errRelayStopped = errors.New("relay stopped")
+
+// serve moves bytes both ways as far as the sockets allow, then ends f if
+// both directions are done or a socket failed.
+func (l *loop) serve(f *flow) {
+	more := f.pump(l.buf, 0) // client to upstream
+	more = f.pump(l.buf, 1) || more
+	if f.err != nil || (f.done[0] && f.done[1]) {
+		l.end(f)
+		return
+	}
+	if more && !f.queued {
+		f.queued = true
+		l.ready = append(l.ready, f)
+	}
+}
+
+// end closes f's sockets and frees its slot; the connection's owner-side
+// bookkeeping runs in finish.
+func (l *loop) end(f *flow) {
+	if l.flows[f.slot] == f {
+		l.flows[f.slot] = nil
+		l.free = append(l.free, f.slot)
+	}
+	f.finish()
+}
+
+// flow is one established connection in a loop. Side 0 is the client,
+// side 1 the upstream.
+type flow struct {
+	fd [2]int
+
+	// onEnd runs once when the flow has ended and its sockets are closed,
+	// with the bytes written to the upstream (sent) and to the client
+	// (received) and the error that ended it, if any.
+	onEnd func(sent, received int64, err error)
+
+	mu     sync.Mutex // guards closed against kill and heard
+	closed bool
+
+	// Owned by the loop goroutine.
+	slot     int32
+	queued   bool
+	readable [2]bool // side may have bytes (or EOF) to read
+	hup      [2]bool // side's peer closed: read until EOF, not just a short read
+	writable [2]bool // side's send buffer may take bytes
+	// pending[s] holds bytes read for side s that it could not take yet.
+	pending [2][]byte
+	// eof[s]: side s has sent FIN; done[s]: everything from side s has
+	// been written to the other side and the FIN passed on.
+	eof   [2]bool
+	done  [2]bool
+	bytes [2]int64 // bytes written to each side
+	err   error
+}
+
+// pump moves bytes from side src to the other side. It reports whether src
+// still has bytes to read after using its budget.
+func (f *flow) pump(buf []byte, src int) bool {
+	dst := 1 - src
+	if f.done[src] || f.err != nil {
+		return false
+	}
+	if len(f.pending[dst]) > 0 {
+		if !f.writable[dst] || !f.write(dst, f.pending[dst], true) {
+			return false
+		}
+		f.pending[dst] = nil
+	}
+	for range relayBudget {
+		if f.eof[src] {
+			f.passEOF(src)
+			return false
+		}
+		if !f.readable[src] {
+			return false
+		}
+		n, err := unix.Read(f.fd[src], buf)
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			f.readable[src] = false
+			return false
+		case errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			f.err = fmt.Errorf("read: %w", err)
+			return false
+		case n == 0:
+			f.eof[src] = true
+			continue
+		}
+		if n < len(buf) && !f.hup[src] {
+			// A short read took everything the socket held; a later
+			// arrival raises a new edge. A FIN already flagged must still
+			// be read, so a hung-up side reads on until EOF.
+			f.readable[src] = false
+		}
+		if !f.write(dst, buf[:n], false) {
+			return false
+		}
+	}
+	return f.readable[src] || (f.eof[src] && !f.done[src])
+}
+
+// write writes b to side dst. Whatever the socket does not take now is
+// kept in pending[dst] (copied, unless b is pending[dst] already), and
+// write reports false; it also reports false on an error, in f.err.
+func (f *flow) write(dst int, b []byte, isPending bool) bool {
+	for len(b) > 0 {
+		n, err := unix.Write(f.fd[dst], b)
+		if n > 0 {
+			f.bytes[dst] += int64(n)
+			b = b[n:]
+		}
+		switch {
+		case err == nil:
+		case errors.Is(err, unix.EAGAIN):
+			f.writable[dst] = false
+			if isPending {
+				f.pending[dst] = b
+			} else {
+				f.pending[dst] = append([]byte(nil), b...)
+			}
+			return false
+		case errors.Is(err, unix.EINTR):
+		default:
+			f.err = fmt.Errorf("write: %w", err)
+			return false
+		}
+	}
+	return true
+}
+
+// passEOF forwards src's FIN once everything before it was written.
+func (f *flow) passEOF(src int) {
+	dst := 1 - src
+	if f.done[src] || len(f.pending[dst]) > 0 {
+		return
+	}
+	f.done[src] = true
+	if err := unix.Shutdown(f.fd[dst], unix.SHUT_WR); err != nil && !errors.Is(err, unix.ENOTCONN) {
+		f.err = fmt.Errorf("shutdown: %w", err)
+	}
+}
+
+// finish closes both sockets once and reports the end to the owner.
+func (f *flow) finish() {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return
+	}
+	f.closed = true
+	_ = unix.Close(f.fd[0])
+	_ = unix.Close(f.fd[1])
+	f.mu.Unlock()
+	f.pending = [2][]byte{}
+	f.onEnd(f.bytes[1], f.bytes[0], f.err)
+}
+
+// kill shuts both sockets down; the loop then sees both directions end
+// and closes them. Safe from any goroutine.
+func (f *flow) kill() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return
+	}
+	_ = unix.Shutdown(f.fd[0], unix.SHUT_RDWR)
+	_ = unix.Shutdown(f.fd[1], unix.SHUT_RDWR)
+}
+
+// heard reports whether the upstream socket received data within d (see
+// receivedWithin). Safe from any goroutine.
+func (f *flow) heard(d time.Duration) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return false
+	}
+	return receivedOnFD(f.fd[1], d)
+}
+
+// detach duplicates c's socket descriptor and closes c, so that the socket
+// lives on in the returned descriptor only, outside Go's poller.
+func detach(c any) (int, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return -1, fmt.Errorf("%T has no socket descriptor", c)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("raw connection: %w", err)
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, fmt.Errorf("raw connection: %w", err)
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("duplicate descriptor: %w", derr)
+	}
+	if cl, ok := c.(interface{ Close() error }); ok {
+		_ = cl.Close()
+	}
+	return nfd, nil
+}
+
+// newFlow takes the sockets of client and up out of Go's poller into a
+// flow; onEnd runs when the flow ends. clientEOF: the client half-closed
+// already and that was passed on to up.
+func newFlow(client, up any, clientEOF bool, onEnd func(sent, received int64, err error)) (*flow, error) {
+	cfd, err := detach(client)
+	if err != nil {
+		return nil, fmt.Errorf("client: %w", err)
+	}
+	ufd, err := detach(up)
+	if err != nil {
+		_ = unix.Close(cfd)
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	f := &flow{fd: [2]int{cfd, ufd}, onEnd: onEnd}
+	if clientEOF {
+		f.eof[0], f.done[0] = true, true
+	}
+	return f, nil
+}
