@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -150,6 +151,23 @@ func readResults(path string) (*results, error) {
 	return r, nil
 }
 
+// upstreamAddrs are the stand-ins' addresses.
+var upstreamAddrs = []string{"127.0.20.1:16443", "127.0.20.2:16443", "127.0.20.3:16443"}
+
+// portsFree fails when another process listens on one of the harness's
+// addresses: a second bench run at the same time would share haproxy's and
+// nginx's ports (SO_REUSEPORT) and load the same cores, spoiling both.
+func portsFree(addrs []string) error {
+	for _, a := range addrs {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			return fmt.Errorf("%s is in use, most likely by another bench run (stop it first): %w", a, err)
+		}
+		_ = ln.Close()
+	}
+	return nil
+}
+
 // mm is a min/max pair across runs.
 type mm struct{ Min, Max float64 }
 
@@ -250,6 +268,9 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		res.Params["wrk"] = "wrk " + strings.Join(wrkArgs("<target>", wrkThreads, wrkConns, o.dur), " ")
 	}
 
+	if err := portsFree(append([]string{epHealthAddr, epPprofAddr, balancerAddr[nameEP], balancerAddr[nameHA], balancerAddr[nameNginx]}, upstreamAddrs...)); err != nil {
+		return err
+	}
 	dir, err := os.MkdirTemp("", "epbench-")
 	if err != nil {
 		return fmt.Errorf("work dir: %w", err)
@@ -257,7 +278,7 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 	log.Info("bench starting", "setups", setups, "runs", o.runs, "workdir", dir)
 	e := &env{dir: dir, binDir: binDir, epBin: o.epBin, epLogLevel: o.logLevel, wrk: o.wrk}
 	for i, n := range []string{"a", "b", "c"} {
-		e.upstreams = append(e.upstreams, &upstream{name: n, addr: fmt.Sprintf("127.0.20.%d:16443", i+1), bin: standinBin, dir: dir, log: log})
+		e.upstreams = append(e.upstreams, &upstream{name: n, addr: upstreamAddrs[i], bin: standinBin, dir: dir, log: log})
 	}
 	defer func() {
 		for _, u := range e.upstreams {
