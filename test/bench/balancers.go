@@ -37,6 +37,10 @@ const (
 type env struct {
 	dir    string
 	binDir string
+	// epBin is the extractedprism binary under test.
+	epBin string
+	// wrk is the wrk binary, empty when wrk is not used.
+	wrk string
 	// epLogLevel is extractedprism's --log-level.
 	epLogLevel string
 	upstreams  []*upstream
@@ -71,7 +75,7 @@ func (e *env) startBalancer(ctx context.Context, name string) (*proc, time.Durat
 	)
 	switch name {
 	case nameEP:
-		bin = filepath.Join(e.binDir, "extractedprism")
+		bin = e.epBin
 		host, port := splitHostPort(balancerAddr[nameEP])
 		_, hport := splitHostPort(epHealthAddr)
 		args = []string{"run",

@@ -383,6 +383,7 @@ func mergeResults(prev, cur results, ran []string, perf bool) results {
 		out.Machine, out.Setups, out.Missing, out.Params = cur.Machine, cur.Setups, cur.Missing, cur.Params
 		out.Runs, out.Median, out.Spread, out.Starts = cur.Runs, cur.Median, cur.Spread, cur.Starts
 		out.Duration = cur.Duration
+		out.Baseline = cur.Baseline
 	}
 	if out.Chaos == nil {
 		out.Chaos = map[string]chaosResult{}

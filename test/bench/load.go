@@ -75,6 +75,13 @@ type perfResult struct {
 	IdleKiB     float64 `json:"idle_kib_per_conn"`
 	IdleOpened  int     `json:"idle_opened"`
 	StartReady  float64 `json:"start_ready_ms"`
+	// The keep-alive load again from wrk (-t2 -c32), a C client that costs
+	// less per request than the Go one; the CPU is the balancer's during it.
+	WrkRps       float64 `json:"wrk_rps,omitempty"`
+	WrkP50ms     float64 `json:"wrk_p50_ms,omitempty"`
+	WrkP99ms     float64 `json:"wrk_p99_ms,omitempty"`
+	WrkErrors    int64   `json:"wrk_errors,omitempty"`
+	WrkCPUPer10k float64 `json:"wrk_cpu_s_per_10k,omitempty"`
 	// Go runtime figures per idle connection (extractedprism only).
 	GoroutinesPerConn float64 `json:"goroutines_per_conn,omitempty"`
 	StackKiBPerConn   float64 `json:"stack_kib_per_conn,omitempty"`

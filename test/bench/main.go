@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -52,6 +53,10 @@ type options struct {
 	scenarios string
 	merge     string
 	logLevel  string
+	wrk       string
+	baseline  string
+	epBin     string
+	profile   string
 }
 
 func main() {
@@ -65,11 +70,15 @@ func main() {
 	flag.StringVar(&o.only, "only", "", "comma-separated set-ups to measure (direct,extractedprism,haproxy,nginx); default all")
 	flag.BoolVar(&o.skipChaos, "skip-chaos", false, "skip the chaos scenarios")
 	flag.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install haproxy and nginx when missing")
-	flag.StringVar(&o.loadOnly, "load-only", "", "only apply one load (keepalive, newconn, bulk1, bulk4) for --duration through the first set-up of --only, for profiling; writes nothing")
+	flag.StringVar(&o.loadOnly, "load-only", "", "only apply one load (keepalive, wrk, newconn, bulk1, bulk4) for --duration through the first set-up of --only, for profiling; writes nothing")
 	flag.StringVar(&o.render, "render", "", "only re-render the report and chart from this results.json")
 	flag.StringVar(&o.scenarios, "scenarios", strings.Join(scenarioNames(), ","), "comma-separated chaos scenarios to run")
 	flag.StringVar(&o.logLevel, "ep-log-level", "warn", "extractedprism's --log-level (its log is in the work directory)")
 	flag.StringVar(&o.merge, "merge", "", "results.json of an earlier run: keep its figures and replace only what this run measures (with --runs 0, only the chaos scenarios given)")
+	flag.StringVar(&o.wrk, "wrk", "wrk", "wrk binary for the second keep-alive load generator; empty to skip it")
+	flag.StringVar(&o.baseline, "baseline", "", "results.json of an earlier run whose extractedprism figures the goals compare with (default: the --merge file)")
+	flag.StringVar(&o.epBin, "ep-bin", "", "extractedprism binary to measure (default: extractedprism in --bin)")
+	flag.StringVar(&o.profile, "profile", "", "profile the first set-up of --only (default extractedprism) under wrk keep-alive load and with idle connections, write the report to this file, and nothing else")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -100,6 +109,63 @@ type results struct {
 	Notes    map[string][]string      `json:"notes,omitempty"`
 	Spread   map[string]map[string]mm `json:"spread,omitempty"`
 	Starts   map[string][]float64     `json:"start_ready_ms,omitempty"`
+	// Baseline is extractedprism in an earlier run (--baseline), the
+	// reference of the goals that must not regress.
+	Baseline *baseline `json:"baseline,omitempty"`
+}
+
+// baseline is extractedprism's median figures in an earlier run.
+type baseline struct {
+	Date    string     `json:"date"`
+	Version string     `json:"version"`
+	Median  perfResult `json:"median"`
+}
+
+// loadBaseline reads a results.json and keeps extractedprism's figures; nil
+// when that run did not measure them.
+func loadBaseline(path string) (*baseline, error) {
+	r, err := readResults(path)
+	if err != nil {
+		return nil, err
+	}
+	return baselineOf(r), nil
+}
+
+func baselineOf(r *results) *baseline {
+	m, ok := r.Median[nameEP]
+	if !ok || !has(*r, nameEP) {
+		return nil
+	}
+	return &baseline{Date: r.Machine.Date, Version: r.Machine.ExtractedPrism, Median: m}
+}
+
+func readResults(path string) (*results, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	r := &results{}
+	if err := json.Unmarshal(b, r); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return r, nil
+}
+
+// upstreamAddrs are the stand-ins' addresses.
+var upstreamAddrs = []string{"127.0.20.1:16443", "127.0.20.2:16443", "127.0.20.3:16443"}
+
+// portsFree fails when another process listens on one of the harness's
+// addresses: a second bench run at the same time would share haproxy's and
+// nginx's ports (SO_REUSEPORT) and load the same cores, spoiling both.
+func portsFree(addrs []string) error {
+	for _, a := range addrs {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			return fmt.Errorf("%s is in use, most likely by another bench run (stop it first): %w", a, err)
+		}
+		_ = ln.Close()
+	}
+	return nil
 }
 
 // mm is a min/max pair across runs.
@@ -117,33 +183,67 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 	}
 	var prev *results
 	if o.merge != "" {
-		b, err := os.ReadFile(o.merge)
-		if err != nil {
+		if prev, err = readResults(o.merge); err != nil {
 			return fmt.Errorf("--merge %q: %w", o.merge, err)
 		}
-		prev = &results{}
-		if err := json.Unmarshal(b, prev); err != nil {
-			return fmt.Errorf("--merge %q: %w", o.merge, err)
+	}
+	var base *baseline
+	switch {
+	case o.baseline != "":
+		if base, err = loadBaseline(o.baseline); err != nil {
+			return fmt.Errorf("--baseline %q: %w", o.baseline, err)
 		}
+		if base == nil {
+			log.Warn("--baseline holds no extractedprism figures; goals against it are not evaluated", "file", o.baseline)
+		}
+	case prev != nil:
+		base = baselineOf(prev)
+	}
+	if o.epBin == "" {
+		o.epBin = filepath.Join(binDir, "extractedprism")
+	}
+	if o.epBin, err = filepath.Abs(o.epBin); err != nil {
+		return fmt.Errorf("--ep-bin: %w", err)
 	}
 	standinBin := filepath.Join(binDir, "standin")
 	if _, err := os.Stat(standinBin); err != nil {
 		return fmt.Errorf("stand-in binary %s missing (run make bin/standin): %w", standinBin, err)
 	}
 	setups := []string{nameDirect, nameEP, nameHA, nameNginx}
+	if o.profile != "" && o.only == "" {
+		o.only = nameEP
+	}
 	if o.only != "" {
 		setups = slices.DeleteFunc(setups, func(s string) bool { return !slices.Contains(strings.Split(o.only, ","), s) })
 	}
 	res := results{Missing: map[string]string{}, Runs: map[string][]perfResult{}, Median: map[string]perfResult{},
-		Chaos: map[string]chaosResult{}, Notes: map[string][]string{}, Spread: map[string]map[string]mm{}}
-	if slices.Contains(setups, nameHA) || slices.Contains(setups, nameNginx) {
-		ensurePackages(log, o.noInstall)
+		Chaos: map[string]chaosResult{}, Notes: map[string][]string{}, Spread: map[string]map[string]mm{}, Baseline: base}
+	var needs []need
+	if slices.Contains(setups, nameHA) {
+		needs = append(needs, needHAProxy)
+	}
+	if slices.Contains(setups, nameNginx) {
+		needs = append(needs, needNginx...)
+	}
+	if o.wrk == "wrk" && (o.runs > 0 || o.profile != "" || o.loadOnly == "wrk") {
+		needs = append(needs, needWrk)
+	}
+	if o.profile != "" {
+		needs = append(needs, needPerf)
+	}
+	ensurePackages(log, o.noInstall, needs)
+	if o.wrk != "" && o.runs > 0 {
+		if _, err := exec.LookPath(o.wrk); err != nil {
+			res.Notes["wrk"] = []string{"not measured: " + err.Error()}
+			log.Warn("wrk keep-alive figures not measured", "err", err)
+			o.wrk = ""
+		}
 	}
 	for _, s := range slices.Clone(setups) {
 		var bin string
 		switch s {
 		case nameEP:
-			bin = filepath.Join(binDir, "extractedprism")
+			bin = o.epBin
 		case nameHA:
 			bin = "haproxy"
 		case nameNginx:
@@ -158,21 +258,27 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		}
 	}
 	res.Setups = setups
-	res.Machine = describeMachine(binDir)
+	res.Machine = describeMachine(o.epBin, o.wrk)
 	res.Params = map[string]string{
 		"runs": fmt.Sprint(o.runs), "duration": o.dur.String(), "ka_workers": fmt.Sprint(kaWorkers),
 		"nc_workers": fmt.Sprint(ncWorkers), "idle_conns": fmt.Sprint(idleTarget),
 		"health_interval": healthEvery.String(), "chaos_load": fmt.Sprintf("%d keep-alive + %d new-connection clients, %d req/s each", chaosKAWorkers, chaosFreshWorkers, chaosRate),
 	}
+	if o.wrk != "" {
+		res.Params["wrk"] = "wrk " + strings.Join(wrkArgs("<target>", wrkThreads, wrkConns, o.dur), " ")
+	}
 
+	if err := portsFree(append([]string{epHealthAddr, epPprofAddr, balancerAddr[nameEP], balancerAddr[nameHA], balancerAddr[nameNginx]}, upstreamAddrs...)); err != nil {
+		return err
+	}
 	dir, err := os.MkdirTemp("", "epbench-")
 	if err != nil {
 		return fmt.Errorf("work dir: %w", err)
 	}
 	log.Info("bench starting", "setups", setups, "runs", o.runs, "workdir", dir)
-	e := &env{dir: dir, binDir: binDir, epLogLevel: o.logLevel}
+	e := &env{dir: dir, binDir: binDir, epBin: o.epBin, epLogLevel: o.logLevel, wrk: o.wrk}
 	for i, n := range []string{"a", "b", "c"} {
-		e.upstreams = append(e.upstreams, &upstream{name: n, addr: fmt.Sprintf("127.0.20.%d:16443", i+1), bin: standinBin, dir: dir, log: log})
+		e.upstreams = append(e.upstreams, &upstream{name: n, addr: upstreamAddrs[i], bin: standinBin, dir: dir, log: log})
 	}
 	defer func() {
 		for _, u := range e.upstreams {
@@ -187,6 +293,9 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 
 	if o.loadOnly != "" {
 		return e.loadOnly(ctx, log, setups[0], o.loadOnly, o.dur)
+	}
+	if o.profile != "" {
+		return e.profile(ctx, log, setups[0], o.profile, o.dur)
 	}
 	if o.runs > 0 {
 		if err := e.perfAll(ctx, log, setups, o.runs, o.dur, &res); err != nil {
@@ -272,6 +381,22 @@ func (e *env) perfAll(ctx context.Context, log *slog.Logger, setups []string, ru
 				pr.CPUPer10k = (cpuOf(p) - cpu0) / float64(reqs) * 10000
 			}
 		}},
+		{"keep-alive-wrk", func(s string, pr *perfResult) {
+			if e.wrk == "" {
+				return
+			}
+			p := procs[s]
+			cpu0 := cpuOf(p)
+			w, err := wrkKeepAlive(ctx, e.wrk, e.targets(s), dur)
+			if err != nil {
+				log.Warn("wrk keep-alive", "setup", s, "err", err)
+				return
+			}
+			pr.WrkRps, pr.WrkP50ms, pr.WrkP99ms, pr.WrkErrors = w.RPS, w.P50ms, w.P99ms, w.Errors
+			if p != nil && w.Requests > 0 {
+				pr.WrkCPUPer10k = (cpuOf(p) - cpu0) / float64(w.Requests) * 10000
+			}
+		}},
 		{"new-connections", func(s string, pr *perfResult) {
 			var err error
 			pr.NewConnRate, pr.NCErrors, err = newConns(ctx, e.targets(s), ncWorkers, dur)
@@ -349,6 +474,7 @@ func (e *env) perfAll(ctx context.Context, log *slog.Logger, setups []string, ru
 				pr.StartReady = st[r%len(st)]
 			}
 			log.Info("perf", "run", r+1, "setup", s, "ka_rps", int(pr.KARps), "p99_ms", round(pr.KAP99ms, 2),
+				"wrk_rps", int(pr.WrkRps), "wrk_p99_ms", round(pr.WrkP99ms, 2), "wrk_cpu_10k", round(pr.WrkCPUPer10k, 3),
 				"new_conns_s", int(pr.NewConnRate), "bulk1", int(pr.Bulk1MBs), "bulk4", int(pr.Bulk4MBs),
 				"cpu_10k", round(pr.CPUPer10k, 3), "idle_kib", round(pr.IdleKiB, 1))
 		}
@@ -384,6 +510,11 @@ func medianPerf(runs []perfResult) (perfResult, map[string]mm) {
 	m.KAP99ms = f("ka_p99_ms", func(r perfResult) float64 { return r.KAP99ms })
 	m.KAErrors = int64(f("ka_errors", func(r perfResult) float64 { return float64(r.KAErrors) }))
 	m.CPUPer10k = f("cpu_s_per_10k", func(r perfResult) float64 { return r.CPUPer10k })
+	m.WrkRps = f("wrk_rps", func(r perfResult) float64 { return r.WrkRps })
+	m.WrkP50ms = f("wrk_p50_ms", func(r perfResult) float64 { return r.WrkP50ms })
+	m.WrkP99ms = f("wrk_p99_ms", func(r perfResult) float64 { return r.WrkP99ms })
+	m.WrkErrors = int64(f("wrk_errors", func(r perfResult) float64 { return float64(r.WrkErrors) }))
+	m.WrkCPUPer10k = f("wrk_cpu_s_per_10k", func(r perfResult) float64 { return r.WrkCPUPer10k })
 	m.NewConnRate = f("new_conns_per_s", func(r perfResult) float64 { return r.NewConnRate })
 	m.NCErrors = int64(f("nc_errors", func(r perfResult) float64 { return float64(r.NCErrors) }))
 	m.Bulk1MBs = f("bulk1_mb_s", func(r perfResult) float64 { return r.Bulk1MBs })
@@ -397,21 +528,41 @@ func medianPerf(runs []perfResult) (perfResult, map[string]mm) {
 	return m, spread
 }
 
-// ensurePackages installs haproxy, nginx and its stream module with apt-get
-// when they are missing.
-func ensurePackages(log *slog.Logger, noInstall bool) {
-	_, errH := exec.LookPath("haproxy")
-	_, errN := exec.LookPath("nginx")
-	_, errM := os.Stat("/usr/lib/nginx/modules/ngx_stream_module.so")
-	if errH == nil && errN == nil && errM == nil {
+// need is a program (looked up in PATH) or file (an absolute path) the run
+// needs, and the Debian package that brings it.
+type need struct{ path, pkg string }
+
+var (
+	needHAProxy = need{"haproxy", "haproxy"}
+	needNginx   = []need{{"nginx", "nginx"}, {"/usr/lib/nginx/modules/ngx_stream_module.so", "libnginx-mod-stream"}}
+	needWrk     = need{"wrk", "wrk"}
+	needPerf    = need{"perf", "linux-perf"}
+)
+
+// ensurePackages installs with apt-get the packages of the needs that are
+// missing.
+func ensurePackages(log *slog.Logger, noInstall bool, needs []need) {
+	var pkgs []string
+	for _, n := range needs {
+		var err error
+		if filepath.IsAbs(n.path) {
+			_, err = os.Stat(n.path)
+		} else {
+			_, err = exec.LookPath(n.path)
+		}
+		if err != nil && !slices.Contains(pkgs, n.pkg) {
+			pkgs = append(pkgs, n.pkg)
+		}
+	}
+	if len(pkgs) == 0 {
 		return
 	}
 	if noInstall {
-		log.Warn("haproxy or nginx missing and --no-install given")
+		log.Warn("packages missing and --no-install given", "packages", pkgs)
 		return
 	}
-	log.Info("installing haproxy, nginx and libnginx-mod-stream with apt-get")
-	cmd := exec.Command("apt-get", "install", "-y", "-qq", "--no-install-recommends", "haproxy", "nginx", "libnginx-mod-stream")
+	log.Info("installing with apt-get", "packages", pkgs)
+	cmd := exec.Command("apt-get", append([]string{"install", "-y", "-qq", "--no-install-recommends"}, pkgs...)...) //nolint:gosec // fixed package names
 	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -514,6 +665,15 @@ func (e *env) loadOnly(ctx context.Context, log *slog.Logger, setup, kind string
 	case "newconn":
 		rate, errs, first := newConns(ctx, t, ncWorkers, dur)
 		log.Info("new connections", "per_s", int(rate), "errors", errs, "first_error", first, "cpu_s", cpuOf(p)-cpu0)
+	case "wrk":
+		if e.wrk == "" {
+			return errors.New("--load-only wrk: --wrk is empty")
+		}
+		w, err := wrkKeepAlive(ctx, e.wrk, t, dur)
+		if err != nil {
+			return err
+		}
+		log.Info("wrk keep-alive", "rps", int(w.RPS), "p50_ms", w.P50ms, "p99_ms", w.P99ms, "requests", w.Requests, "errors", w.Errors, "cpu_s", cpuOf(p)-cpu0)
 	case "bulk1", "bulk4":
 		n := 1
 		if kind == "bulk4" {
@@ -521,7 +681,7 @@ func (e *env) loadOnly(ctx context.Context, log *slog.Logger, setup, kind string
 		}
 		log.Info("bulk", "streams", n, "mb_s", int(bulk(ctx, t, n, dur)), "cpu_s", cpuOf(p)-cpu0)
 	default:
-		return fmt.Errorf("--load-only %q: want keepalive, newconn, bulk1 or bulk4", kind)
+		return fmt.Errorf("--load-only %q: want keepalive, wrk, newconn, bulk1 or bulk4", kind)
 	}
 	return nil
 }
