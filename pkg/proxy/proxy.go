@@ -8,13 +8,12 @@
 //   - Connecting, in a goroutine of its own: the upstream is dialled; a
 //     failed connect is reported to the upstream set as a passive failure
 //     (a probe then decides whether the upstream is down) and the same
-//     client connection is tried on the next upstream. With replay, the
+//     client connection is tried on the next upstream.
+//   - Connected: both sockets are handed to the relay's event loops (see
+//     relay_linux.go) and the goroutine ends. A connection costs a small
+//     struct and no goroutine or buffer while idle. With replay, the
 //     client's TLS handshake is kept until the upstream's first byte and
 //     may be replayed to another upstream (see replay.go).
-//   - Established: once the upstream has answered (at once without
-//     replay), both sockets are handed to the relay's event loops (see
-//     relay_linux.go) and the goroutine ends. An established connection
-//     costs a small struct and no goroutine or buffer while idle.
 //
 // Connections are tracked from the moment they are accepted, indexed by the
 // upstream they ride on, so that closing one upstream's connections
@@ -627,7 +626,6 @@ func (s *Server) assign(c *conn, u *upstream.Upstream, up net.Conn) bool {
 		s.index(c, u)
 	}
 	c.u, c.up = u, up
-	c.moved = false
 	return c.killed == ""
 }
 
@@ -708,12 +706,9 @@ type conn struct {
 	mu sync.Mutex
 	up net.Conn
 	u  *upstream.Upstream
-	// flow carries the connection once established; client and up are
+	// flow carries the connection once connected; client and up are
 	// closed then, their sockets live on in flow.
-	flow *flow
-	// moved: the balancer closed the upstream leg to move the connection
-	// (replay phase); that close is no failure of the upstream.
-	moved  bool
+	flow   *flow
 	killed string
 }
 
@@ -722,29 +717,15 @@ func newConn(client net.Conn, now time.Time) *conn {
 	return &conn{client: client, start: now, ctx: ctx, cancel: cancel}
 }
 
-// closeUpstreamLeg closes the upstream side only; the replay path then
-// moves the client to another upstream.
+// closeUpstreamLeg moves a connection still waiting for its upstream's
+// first byte to another upstream (its handshake is replayed there).
 func (c *conn) closeUpstreamLeg() {
 	c.mu.Lock()
-	up := c.up
-	if c.flow != nil {
-		up = nil // answered meanwhile: nothing to replay any more
-	}
-	if up != nil {
-		c.moved = true
-	}
+	f := c.flow
 	c.mu.Unlock()
-	if up != nil {
-		_ = up.Close()
+	if f != nil && c.replaying.Load() {
+		f.moveOff()
 	}
-}
-
-// movedByBalancer reports whether the upstream leg up was closed by
-// closeUpstreamLeg.
-func (c *conn) movedByBalancer(up net.Conn) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.moved && c.up == up
 }
 
 func (c *conn) upstream() *upstream.Upstream {
@@ -848,30 +829,22 @@ func (s *Server) handle(c *conn) {
 		o.Observer.Failover() // once per connection, however many tries
 	}
 	o.Observer.ConnOpened(u)
-	if o.Replay {
-		handedOff = s.pipeReplay(o, c, up, u, tried)
-		return
-	}
 	handedOff = true
-	s.establish(o, c, u, up, handoff{})
+	var rp *replayState
+	if o.Replay {
+		rp = newReplayState(s, o, c, tried)
+	}
+	s.establish(o, c, up, rp)
 }
 
-// handoff is what the connecting phase passes on to the relay.
-type handoff struct {
-	// clientEOF: the client has half-closed, and that was passed on.
-	clientEOF bool
-	// sent and received count the bytes already moved.
-	sent, received int64
-}
-
-// establish hands c, riding on u through up, to the relay. From then on
-// the relay owns c: when the connection ends it releases u's place,
+// establish hands c, connected through up, to the relay. From then on the
+// relay owns c: when the connection ends it releases its upstream's place,
 // reports the bytes, and untracks c. If the sockets cannot be handed over
 // (out of descriptors, or c was closed meanwhile), c ends here at once.
-func (s *Server) establish(o *Options, c *conn, u *upstream.Upstream, up net.Conn, h handoff) {
+func (s *Server) establish(o *Options, c *conn, up net.Conn, rp *replayState) {
 	end := func(sent, received int64, err error) {
+		u := c.upstream()
 		u.Release()
-		sent, received = sent+h.sent, received+h.received
 		o.Observer.ConnClosed(u, sent, received)
 		if o.Logger.Enabled(context.Background(), slog.LevelDebug) {
 			reason := c.killReason()
@@ -888,7 +861,7 @@ func (s *Server) establish(o *Options, c *conn, u *upstream.Upstream, up net.Con
 	r, err := s.startRelay()
 	var f *flow
 	if err == nil {
-		f, err = newFlow(c.client, up, h.clientEOF, end)
+		f, err = newFlow(c.client, up, rp, end)
 	}
 	if err != nil {
 		_ = c.client.Close()
@@ -898,6 +871,9 @@ func (s *Server) establish(o *Options, c *conn, u *upstream.Upstream, up net.Con
 		}
 		end(0, 0, err)
 		return
+	}
+	if rp != nil {
+		c.replaying.Store(true)
 	}
 	c.mu.Lock()
 	c.flow = f

@@ -5,6 +5,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"runtime"
 	"sync"
@@ -16,14 +17,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The established-connection data path.
+// The data path.
 //
-// Once a connection's upstream has answered (or at once without replay),
-// its two sockets leave Go's runtime poller: handoff duplicates their
-// descriptors, closes the net.Conn values and gives the pair to one of a
-// few event loops (one per GOMAXPROCS). Each loop owns an epoll instance
-// (edge-triggered), one read buffer that all its connections share, and the
-// flows registered with it. A flow costs no goroutine and no buffer while
+// As soon as an upstream connect succeeds, the client's and the upstream's
+// sockets leave Go's runtime poller: detach duplicates their descriptors
+// and closes the net.Conn values, and the pair becomes a flow in one of a
+// few event loops (one per GOMAXPROCS, round robin). Each loop owns an
+// epoll instance (edge-triggered), one read buffer that all its flows
+// share, and its flows. A flow costs no goroutine and no buffer while
 // idle: bytes are read into the loop's buffer and written straight to the
 // other socket; only when that socket cannot take them all is the rest
 // copied into a buffer of the flow's own, and reading from the source
@@ -36,12 +37,22 @@ import (
 // either socket; then both descriptors are closed and the connection is
 // untracked, its upstream place released and its bytes reported.
 //
-// Ownership: a loop goroutine alone reads and writes a flow's sockets and
-// its loop-owned fields. Other goroutines touch a flow only through kill
-// (shutdown of both sockets, which the loop then sees as the end of both
-// directions) and heard (a TCP_INFO read); both hold flow.mu, which the
-// loop also holds while closing the descriptors, so neither ever acts on a
-// descriptor number after it was closed and possibly reused.
+// Until the upstream's first byte a flow is in its replay phase (see
+// replay.go): the loop also keeps the client's handshake bytes, and when
+// the upstream fails before answering (or its first-byte deadline passes,
+// or the balancer moves the connection off it), the loop takes the flow
+// out of epoll and a goroutine dials the next upstream; the flow then
+// comes back to the same loop with the kept bytes pending for the new
+// upstream.
+//
+// Ownership: while registered, a flow's loop goroutine alone reads and
+// writes its sockets and its loop-owned fields; while it is out for a
+// replay, the replay goroutine does. Other goroutines touch a flow only
+// through kill (shutdown of both sockets, which the loop then sees as the
+// end of both directions), heard (a TCP_INFO read) and nudge (a flag and a
+// wake-up of its loop); all hold flow.mu, which is also held while a
+// descriptor is closed or replaced, so nobody acts on a descriptor number
+// after it was closed and possibly reused.
 
 // relayReadBytes is the size of each loop's shared read buffer, and
 // relayBudget how many reads one side of a flow gets per turn before the
@@ -109,10 +120,11 @@ type loop struct {
 	file *os.File        // owns epfd
 	wake int             // eventfd: new flows queued, or stop
 
-	mu       sync.Mutex // guards queued and stopping
-	queued   []*flow
+	mu       sync.Mutex // guards queued, poked and stopping
+	queued   []*flow    // to register
+	poked    []*flow    // nudged: look at their flags
 	stopping bool
-	news     atomic.Bool // queued or stopping changed since the loop looked
+	news     atomic.Bool // queued, poked or stopping changed since the loop looked
 
 	// Owned by the loop goroutine.
 	flows []*flow // by slot
@@ -155,6 +167,15 @@ func newLoop() (*loop, error) {
 func (l *loop) add(f *flow) {
 	l.mu.Lock()
 	l.queued = append(l.queued, f)
+	l.news.Store(true)
+	l.mu.Unlock()
+	l.signal()
+}
+
+// poke asks the loop to look at f's nudge flags.
+func (l *loop) poke(f *flow) {
+	l.mu.Lock()
+	l.poked = append(l.poked, f)
 	l.news.Store(true)
 	l.mu.Unlock()
 	l.signal()
@@ -256,12 +277,15 @@ func (l *loop) turn(events []unix.EpollEvent) bool {
 		return false
 	}
 	l.mu.Lock()
-	queued, stopping := l.queued, l.stopping
-	l.queued = nil
+	queued, poked, stopping := l.queued, l.poked, l.stopping
+	l.queued, l.poked = nil, nil
 	l.news.Store(false)
 	l.mu.Unlock()
 	for _, f := range queued {
 		l.register(f)
+	}
+	for _, f := range poked {
+		l.nudged(f)
 	}
 	if stopping {
 		l.shutdown()
@@ -272,6 +296,8 @@ func (l *loop) turn(events []unix.EpollEvent) bool {
 
 // register takes f into the loop: a slot, then both sockets in epoll.
 func (l *loop) register(f *flow) {
+	f.home = l
+	f.queued = false
 	if len(l.free) > 0 {
 		f.slot = l.free[len(l.free)-1]
 		l.free = l.free[:len(l.free)-1]
@@ -296,7 +322,47 @@ func (l *loop) register(f *flow) {
 			return
 		}
 	}
+	f.mu.Lock()
+	f.loop = l
+	f.mu.Unlock()
+	if f.nudges.Load() != 0 {
+		l.nudged(f) // nudged while out for a replay
+		if l.flows[f.slot] != f {
+			return
+		}
+	}
 	l.serve(f)
+}
+
+// toReplay sends f, whose replayWhy is set, out to a replay goroutine.
+func (l *loop) toReplay(f *flow) {
+	l.unregister(f)
+	f.rp.stopTimer()
+	go f.rp.s.replayFlow(f)
+}
+
+// unregister takes f out of the loop without closing its sockets (for a
+// replay); f comes back through add.
+func (l *loop) unregister(f *flow) {
+	for side := range 2 {
+		if f.fd[side] >= 0 {
+			_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, f.fd[side], nil)
+		}
+	}
+	l.flows[f.slot] = nil
+	l.free = append(l.free, f.slot)
+	if f.queued {
+		for i, r := range l.ready {
+			if r == f {
+				l.ready = append(l.ready[:i], l.ready[i+1:]...)
+				break
+			}
+		}
+		f.queued = false
+	}
+	f.mu.Lock()
+	f.loop = nil
+	f.mu.Unlock()
 }
 
 // shutdown ends every flow still in the loop.
@@ -323,7 +389,13 @@ var errRelayStopped = errors.New("relay stopped")
 // both directions are done or a socket failed.
 func (l *loop) serve(f *flow) {
 	more := f.pump(l.buf, 0) // client to upstream
-	more = f.pump(l.buf, 1) || more
+	if f.replayWhy == 0 {
+		more = f.pump(l.buf, 1) || more
+	}
+	if f.replayWhy != 0 {
+		l.toReplay(f)
+		return
+	}
 	if f.err != nil || (f.done[0] && f.done[1]) {
 		l.end(f)
 		return
@@ -347,6 +419,8 @@ func (l *loop) end(f *flow) {
 // flow is one established connection in a loop. Side 0 is the client,
 // side 1 the upstream.
 type flow struct {
+	// fd[0] is the client's socket, fd[1] the upstream's (-1 while a
+	// replay replaces it). Changed only under mu.
 	fd [2]int
 
 	// onEnd runs once when the flow has ended and its sockets are closed,
@@ -354,15 +428,27 @@ type flow struct {
 	// (received) and the error that ended it, if any.
 	onEnd func(sent, received int64, err error)
 
-	mu     sync.Mutex // guards closed against kill and heard
+	mu     sync.Mutex // guards fd, closed and loop against kill, heard and nudge
 	closed bool
+	loop   *loop // the loop f is registered with; nil while out for a replay
 
-	// Owned by the loop goroutine.
-	slot     int32
-	queued   bool
-	readable [2]bool // side may have bytes (or EOF) to read
-	hup      [2]bool // side's peer closed: read until EOF, not just a short read
-	writable [2]bool // side's send buffer may take bytes
+	// nudges holds nudge flags for the loop (see replay.go).
+	nudges atomic.Uint32
+	// expiredGen is the upstream generation whose first-byte deadline passed.
+	expiredGen atomic.Uint32
+
+	// Owned by the loop goroutine (by the replay goroutine while out).
+	home *loop // the loop f belongs to, also while out for a replay
+	rp   *replayState
+	// replayWhy, when set by pump, sends f to a replay: why, and the
+	// upstream error that caused it.
+	replayWhy   replayWhy
+	replayCause error
+	slot        int32
+	queued      bool
+	readable    [2]bool // side may have bytes (or EOF) to read
+	hup         [2]bool // side's peer closed: read until EOF, not just a short read
+	writable    [2]bool // side's send buffer may take bytes
 	// pending[s] holds bytes read for side s that it could not take yet.
 	pending [2][]byte
 	// eof[s]: side s has sent FIN; done[s]: everything from side s has
@@ -382,9 +468,15 @@ func (f *flow) pump(buf []byte, src int) bool {
 	}
 	if len(f.pending[dst]) > 0 {
 		if !f.writable[dst] || !f.write(dst, f.pending[dst], true) {
+			if dst == 1 && f.err != nil && f.rp != nil && f.upstreamFailed(f.err) {
+				f.err = nil
+			}
 			return false
 		}
 		f.pending[dst] = nil
+		if dst == 1 && f.rp != nil {
+			f.armFirstByte()
+		}
 	}
 	for range relayBudget {
 		if f.eof[src] {
@@ -402,11 +494,24 @@ func (f *flow) pump(buf []byte, src int) bool {
 		case errors.Is(err, unix.EINTR):
 			continue
 		case err != nil:
+			if src == 1 && f.rp != nil && f.upstreamFailed(err) {
+				return false
+			}
 			f.err = fmt.Errorf("read: %w", err)
 			return false
 		case n == 0:
+			if src == 1 && f.rp != nil && f.upstreamFailed(io.EOF) {
+				return false
+			}
 			f.eof[src] = true
 			continue
+		}
+		if f.rp != nil {
+			if src == 1 {
+				f.answered()
+			} else {
+				f.rp.keep(buf[:n])
+			}
 		}
 		if n < len(buf) && !f.hup[src] {
 			// A short read took everything the socket held; a later
@@ -415,7 +520,13 @@ func (f *flow) pump(buf []byte, src int) bool {
 			f.readable[src] = false
 		}
 		if !f.write(dst, buf[:n], false) {
+			if dst == 1 && f.err != nil && f.rp != nil && f.upstreamFailed(f.err) {
+				f.err = nil
+			}
 			return false
+		}
+		if dst == 1 && f.rp != nil {
+			f.armFirstByte()
 		}
 	}
 	return f.readable[src] || (f.eof[src] && !f.done[src])
@@ -470,9 +581,15 @@ func (f *flow) finish() {
 		return
 	}
 	f.closed = true
-	_ = unix.Close(f.fd[0])
-	_ = unix.Close(f.fd[1])
+	for side := range 2 {
+		if f.fd[side] >= 0 {
+			_ = unix.Close(f.fd[side])
+		}
+	}
 	f.mu.Unlock()
+	if f.rp != nil {
+		f.rp.stopTimer()
+	}
 	f.pending = [2][]byte{}
 	f.onEnd(f.bytes[1], f.bytes[0], f.err)
 }
@@ -485,8 +602,11 @@ func (f *flow) kill() {
 	if f.closed {
 		return
 	}
-	_ = unix.Shutdown(f.fd[0], unix.SHUT_RDWR)
-	_ = unix.Shutdown(f.fd[1], unix.SHUT_RDWR)
+	for side := range 2 {
+		if f.fd[side] >= 0 {
+			_ = unix.Shutdown(f.fd[side], unix.SHUT_RDWR)
+		}
+	}
 }
 
 // heard reports whether the upstream socket received data within d (see
@@ -494,7 +614,7 @@ func (f *flow) kill() {
 func (f *flow) heard(d time.Duration) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.closed {
+	if f.closed || f.fd[1] < 0 {
 		return false
 	}
 	return receivedOnFD(f.fd[1], d)
@@ -528,9 +648,9 @@ func detach(c any) (int, error) {
 }
 
 // newFlow takes the sockets of client and up out of Go's poller into a
-// flow; onEnd runs when the flow ends. clientEOF: the client half-closed
-// already and that was passed on to up.
-func newFlow(client, up any, clientEOF bool, onEnd func(sent, received int64, err error)) (*flow, error) {
+// flow; onEnd runs when the flow ends. rp is the replay state (nil: no
+// replay).
+func newFlow(client, up any, rp *replayState, onEnd func(sent, received int64, err error)) (*flow, error) {
 	cfd, err := detach(client)
 	if err != nil {
 		return nil, fmt.Errorf("client: %w", err)
@@ -540,11 +660,7 @@ func newFlow(client, up any, clientEOF bool, onEnd func(sent, received int64, er
 		_ = unix.Close(cfd)
 		return nil, fmt.Errorf("upstream: %w", err)
 	}
-	f := &flow{fd: [2]int{cfd, ufd}, onEnd: onEnd}
-	if clientEOF {
-		f.eof[0], f.done[0] = true, true
-	}
-	return f, nil
+	return &flow{fd: [2]int{cfd, ufd}, rp: rp, onEnd: onEnd}, nil
 }
 
 // rawRead, rawWrite and rawEpollWait are read(2), write(2) and
