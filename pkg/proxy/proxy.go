@@ -30,6 +30,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -105,6 +106,10 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+
+	// dialTuned: Dial is the default dialer, which applies KeepAlive and
+	// UserTimeout itself.
+	dialTuned bool
 }
 
 func (o Options) withDefaults() Options {
@@ -138,6 +143,7 @@ func (o Options) withDefaults() Options {
 			d.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: ka, Interval: ka / 3, Count: 3}
 		}
 		o.Dial = d.DialContext
+		o.dialTuned = true
 	}
 	return o
 }
@@ -186,7 +192,10 @@ type acceptFailure struct {
 const acceptErrorFresh = 2500 * time.Millisecond
 
 type acceptLoop struct {
-	ln      net.Listener
+	ln net.Listener
+	// sock accepts on ln's socket without making a net.Conn of each
+	// connection, which the relay would only take apart again.
+	sock    *listenSocket
 	stopped atomic.Bool
 	stop    chan struct{}
 	done    chan struct{} // closed when the loop has returned
@@ -226,7 +235,11 @@ func (s *Server) Serve(ln net.Listener) error {
 	if s.draining {
 		return ErrShutdown
 	}
-	al := &acceptLoop{ln: ln, stop: make(chan struct{}), done: make(chan struct{})}
+	sock, err := newListenSocket(ln)
+	if err != nil {
+		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
+	}
+	al := &acceptLoop{ln: ln, sock: sock, stop: make(chan struct{}), done: make(chan struct{})}
 	s.listeners[ln] = al
 	s.wg.Add(1)
 	go s.acceptLoop(al)
@@ -249,6 +262,7 @@ func (al *acceptLoop) close() {
 	if al.stopped.CompareAndSwap(false, true) {
 		close(al.stop)
 		_ = al.ln.Close()
+		_ = al.sock.close()
 	}
 }
 
@@ -638,12 +652,12 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 	defer close(al.done)
 	var delay time.Duration
 	for {
-		c, err := al.ln.Accept()
+		fd, err := al.sock.accept()
 		if err != nil {
 			if al.stopped.Load() {
 				return
 			}
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
 				s.loopDied.Store(true)
 				s.opts.Load().Logger.Error("accept loop stopped: listener closed unexpectedly", "listener", al.ln.Addr().String(), "err", err)
 				return
@@ -671,9 +685,9 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 		if s.acceptErr.Load() != nil {
 			s.acceptErr.Store(nil)
 		}
-		pc := newConn(c, s.opts.Load().Now())
+		pc := newConn(fd, s.opts.Load().Now())
 		if !s.track(pc) {
-			_ = c.Close() // shutting down
+			_ = closeFD(fd) // shutting down
 			continue
 		}
 		s.wg.Add(1)
@@ -694,8 +708,7 @@ const (
 
 // conn is one proxied client connection.
 type conn struct {
-	client net.Conn
-	start  time.Time
+	start time.Time
 	// ctx ends when the connection is killed; dials for it use it.
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -704,17 +717,38 @@ type conn struct {
 	replaying atomic.Bool
 
 	mu sync.Mutex
-	up net.Conn
-	u  *upstream.Upstream
-	// flow carries the connection once connected; client and up are
-	// closed then, their sockets live on in flow.
+	// cfd is the client's socket until the flow takes it (then -1).
+	cfd int
+	up  net.Conn
+	u   *upstream.Upstream
+	// flow carries the connection once connected; up is closed then, its
+	// socket lives on in flow.
 	flow   *flow
 	killed string
 }
 
-func newConn(client net.Conn, now time.Time) *conn {
+func newConn(cfd int, now time.Time) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &conn{client: client, start: now, ctx: ctx, cancel: cancel}
+	return &conn{cfd: cfd, start: now, ctx: ctx, cancel: cancel}
+}
+
+// closeClient closes the client's socket if c still holds it.
+func (c *conn) closeClient() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cfd >= 0 {
+		_ = closeFD(c.cfd)
+		c.cfd = -1
+	}
+}
+
+// takeClient hands the client's socket over to the caller.
+func (c *conn) takeClient() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fd := c.cfd
+	c.cfd = -1
+	return fd
 }
 
 // closeUpstreamLeg moves a connection still waiting for its upstream's
@@ -755,18 +789,20 @@ func (c *conn) claim(reason string) bool {
 	return first
 }
 
-// closeNow cancels c's work and closes both of its sockets (shuts them
-// down, once established, and the relay closes them).
+// closeNow cancels c's work and shuts both of its sockets down; whoever
+// holds them (handle, or the relay once connected) then closes them.
 func (c *conn) closeNow() {
 	c.mu.Lock()
 	up, f := c.up, c.flow
+	if c.cfd >= 0 {
+		_ = shutdownFD(c.cfd)
+	}
 	c.mu.Unlock()
 	c.cancel()
 	if f != nil {
 		f.kill()
 		return
 	}
-	_ = c.client.Close()
 	if up != nil {
 		_ = up.Close()
 	}
@@ -801,15 +837,16 @@ func (s *Server) handle(c *conn) {
 	defer func() {
 		if !handedOff {
 			c.cancel()
-			_ = c.client.Close()
+			c.closeClient()
 			s.untrack(c)
 			s.wg.Done()
 		}
 	}()
-	client := c.client
 	o := s.opts.Load()
 	o.Observer.Accepted()
-	tuneConn(client, o)
+	c.mu.Lock()
+	tuneFD(c.cfd, o.KeepAlive, o.UserTimeout)
+	c.mu.Unlock()
 
 	tried := make(map[*upstream.Upstream]bool, 4)
 	up, u, err := s.dialNext(o, c, tried, false)
@@ -851,8 +888,8 @@ func (s *Server) establish(o *Options, c *conn, up net.Conn, rp *replayState) {
 			if reason == "" && err != nil {
 				reason = err.Error()
 			}
-			o.Logger.Debug("connection closed", "client", c.client.RemoteAddr().String(), "upstream", u.Addr(),
-				"sent", sent, "received", received, "reason", reason)
+			o.Logger.Debug("connection closed", "upstream", u.Addr(),
+				"sent", sent, "received", received, "reason", reason, "age", o.Now().Sub(c.start).Round(time.Millisecond))
 		}
 		c.cancel()
 		s.untrack(c)
@@ -861,10 +898,14 @@ func (s *Server) establish(o *Options, c *conn, up net.Conn, rp *replayState) {
 	r, err := s.startRelay()
 	var f *flow
 	if err == nil {
-		f, err = newFlow(c.client, up, rp, end)
+		cfd := c.takeClient()
+		if cfd < 0 {
+			err = errors.New("the client connection was closed")
+		} else if f, err = newFlow(cfd, up, rp, end); err != nil {
+			_ = closeFD(cfd)
+		}
 	}
 	if err != nil {
-		_ = c.client.Close()
 		_ = up.Close()
 		if failure.LocalExhaustion(err) && c.killReason() == "" {
 			s.rlog.Log(context.Background(), slog.LevelWarn, "relay", "client connection closed: cannot hand it to the data path", "err", err)
@@ -936,7 +977,9 @@ func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool
 		o.Observer.DialDuration(o.Now().Sub(start))
 		if err == nil {
 			u.Opened()
-			tuneConn(up, o)
+			if !o.dialTuned {
+				tuneConn(up, o)
+			}
 			return up, u, nil
 		}
 		u.Release()

@@ -647,17 +647,12 @@ func detach(c any) (int, error) {
 	return nfd, nil
 }
 
-// newFlow takes the sockets of client and up out of Go's poller into a
-// flow; onEnd runs when the flow ends. rp is the replay state (nil: no
-// replay).
-func newFlow(client, up any, rp *replayState, onEnd func(sent, received int64, err error)) (*flow, error) {
-	cfd, err := detach(client)
-	if err != nil {
-		return nil, fmt.Errorf("client: %w", err)
-	}
+// newFlow makes a flow of the client's socket cfd (which it owns from now
+// on, also on error) and up, whose socket it takes out of Go's poller;
+// onEnd runs when the flow ends. rp is the replay state (nil: no replay).
+func newFlow(cfd int, up any, rp *replayState, onEnd func(sent, received int64, err error)) (*flow, error) {
 	ufd, err := detach(up)
 	if err != nil {
-		_ = unix.Close(cfd)
 		return nil, fmt.Errorf("upstream: %w", err)
 	}
 	return &flow{fd: [2]int{cfd, ufd}, rp: rp, onEnd: onEnd}, nil

@@ -28,7 +28,7 @@ type replayState struct{}
 
 func newReplayState(*Server, *Options, *conn, map[*upstream.Upstream]bool) *replayState { return nil }
 
-func newFlow(any, any, *replayState, func(int64, int64, error)) (*flow, error) {
+func newFlow(int, any, *replayState, func(int64, int64, error)) (*flow, error) {
 	return nil, errNoRelay
 }
 

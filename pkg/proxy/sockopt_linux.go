@@ -3,6 +3,9 @@
 package proxy
 
 import (
+	"fmt"
+	"net"
+	"os"
 	"syscall"
 	"time"
 
@@ -73,3 +76,91 @@ func receivedOnFD(fd int, d time.Duration) bool {
 	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 	return err == nil && info.Bytes_received > 0 && time.Duration(info.Last_data_recv)*time.Millisecond < d
 }
+
+// tuneFD applies TCP keepalive (idle time ka, a third of it between
+// probes, 3 probes) and TCP_USER_TIMEOUT ut to a socket; zero leaves each
+// alone.
+func tuneFD(fd int, ka, ut time.Duration) {
+	if fd < 0 {
+		return
+	}
+	if ka > 0 {
+		secs := max(1, int(ka/time.Second))
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs)
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, max(1, secs/3))
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 3)
+	}
+	if ut > 0 {
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(ut.Milliseconds()))
+	}
+}
+
+func closeFD(fd int) error    { return unix.Close(fd) }
+func shutdownFD(fd int) error { return unix.Shutdown(fd, unix.SHUT_RDWR) }
+
+// listenSocket accepts on a listener's socket through a descriptor of its
+// own in Go's poller, so accepted connections come as bare descriptors.
+type listenSocket struct {
+	file *os.File
+	rc   syscall.RawConn
+}
+
+func newListenSocket(ln net.Listener) (*listenSocket, error) {
+	sc, ok := ln.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("%T has no socket descriptor", ln)
+	}
+	lrc, err := sc.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("raw listener: %w", err)
+	}
+	nfd := -1
+	var derr error
+	if err := lrc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("raw listener: %w", err)
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("duplicate listener descriptor: %w", derr)
+	}
+	file := os.NewFile(uintptr(nfd), "listener") //nolint:gosec // a descriptor just duplicated
+	rc, err := file.SyscallConn()
+	if err != nil {
+		_ = file.Close()
+		return nil, fmt.Errorf("listener in Go's poller: %w", err)
+	}
+	return &listenSocket{file: file, rc: rc}, nil
+}
+
+// accept returns the next connection's descriptor (non-blocking,
+// close-on-exec), waiting in Go's poller. It fails with os.ErrClosed once
+// close was called, and with the system's error otherwise (EMFILE, ...).
+func (ls *listenSocket) accept() (int, error) {
+	fd := -1
+	var aerr error
+	err := ls.rc.Read(func(lfd uintptr) bool {
+		for {
+			r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, lfd, 0, 0, uintptr(unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC), 0, 0)
+			switch e { //nolint:exhaustive // the rest are failures
+			case 0:
+				fd = int(r) //nolint:gosec // a descriptor
+				return true
+			case unix.EINTR, unix.ECONNABORTED:
+				continue // as Go's own accept does
+			case unix.EAGAIN:
+				return false
+			default:
+				aerr = os.NewSyscallError("accept4", e)
+				return true
+			}
+		}
+	})
+	if err != nil {
+		return -1, err
+	}
+	return fd, aerr
+}
+
+func (ls *listenSocket) close() error { return ls.file.Close() }
