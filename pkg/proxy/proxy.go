@@ -1014,8 +1014,6 @@ func tuneConn(c net.Conn, o *Options) {
 	}
 }
 
-type closeWriter interface{ CloseWrite() error }
-
 type nopObserver struct{}
 
 func (nopObserver) Accepted()                                   {}
