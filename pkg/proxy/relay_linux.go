@@ -192,7 +192,7 @@ func (l *loop) stop() {
 func (l *loop) signal() {
 	one := [8]byte{1}
 	for {
-		_, err := unix.Write(l.wake, one[:])
+		_, err := rawWrite(l.wake, one[:])
 		if !errors.Is(err, unix.EINTR) {
 			return // EAGAIN: the counter is full, a wake is pending anyway
 		}
@@ -316,7 +316,7 @@ func (l *loop) register(f *flow) {
 			Fd:     f.slot,
 			Pad:    int32(side), //nolint:gosec // 0 or 1
 		}
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, f.fd[side], &ev); err != nil {
+		if err := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, f.fd[side], &ev); err != nil {
 			f.err = fmt.Errorf("epoll_ctl: %w", err)
 			l.end(f)
 			return
@@ -346,7 +346,7 @@ func (l *loop) toReplay(f *flow) {
 func (l *loop) unregister(f *flow) {
 	for side := range 2 {
 		if f.fd[side] >= 0 {
-			_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, f.fd[side], nil)
+			_ = rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, f.fd[side], &unix.EpollEvent{})
 		}
 	}
 	l.flows[f.slot] = nil
@@ -568,7 +568,7 @@ func (f *flow) passEOF(src int) {
 		return
 	}
 	f.done[src] = true
-	if err := unix.Shutdown(f.fd[dst], unix.SHUT_WR); err != nil && !errors.Is(err, unix.ENOTCONN) {
+	if err := rawShutdown(f.fd[dst], unix.SHUT_WR); err != nil && !errors.Is(err, unix.ENOTCONN) {
 		f.err = fmt.Errorf("shutdown: %w", err)
 	}
 }
@@ -583,7 +583,7 @@ func (f *flow) finish() {
 	f.closed = true
 	for side := range 2 {
 		if f.fd[side] >= 0 {
-			_ = unix.Close(f.fd[side])
+			_ = closeFD(f.fd[side])
 		}
 	}
 	f.mu.Unlock()
@@ -604,7 +604,7 @@ func (f *flow) kill() {
 	}
 	for side := range 2 {
 		if f.fd[side] >= 0 {
-			_ = unix.Shutdown(f.fd[side], unix.SHUT_RDWR)
+			_ = rawShutdown(f.fd[side], unix.SHUT_RDWR)
 		}
 	}
 }
@@ -658,9 +658,10 @@ func newFlow(cfd int, up any, rp *replayState, onEnd func(sent, received int64, 
 	return &flow{fd: [2]int{cfd, ufd}, rp: rp, onEnd: onEnd}, nil
 }
 
-// rawRead, rawWrite and rawEpollWait are read(2), write(2) and
-// epoll_pwait(2) with a zero timeout, without the runtime's system call
-// bookkeeping: none of them ever blocks. Besides saving that bookkeeping,
+// rawRead, rawWrite, rawEpollWait (with a zero timeout), rawEpollCtl,
+// rawShutdown, rawSetsockoptInt and closeFD are the system calls of the
+// data path, made without the runtime's system call bookkeeping: on
+// non-blocking sockets without SO_LINGER none of them ever blocks. Besides saving that bookkeeping,
 // this keeps the runtime's monitor thread asleep: every system call made
 // the usual way after the process was idle wakes it into polling at its
 // shortest period, which under request-response traffic, idle between
@@ -687,4 +688,37 @@ func rawWrite(fd int, b []byte) (int, error) {
 		return 0, e
 	}
 	return int(r), nil //nolint:gosec // at most len(b)
+}
+
+func rawEpollCtl(epfd, op, fd int, ev *unix.EpollEvent) error {
+	_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0) //nolint:gosec // descriptors
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func rawShutdown(fd, how int) error {
+	_, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), uintptr(how), 0) //nolint:gosec // a descriptor
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func rawSetsockoptInt(fd, level, opt, value int) error {
+	v := int32(value)                                                                                                              //nolint:gosec // socket option values are small
+	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0) //nolint:gosec // a descriptor
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+func closeFD(fd int) error {
+	_, _, e := unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0) //nolint:gosec // a descriptor
+	if e != 0 {
+		return e
+	}
+	return nil
 }

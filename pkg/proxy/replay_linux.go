@@ -9,8 +9,6 @@ import (
 	"log/slog"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/extractedprism/extractedprism/pkg/failure"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
@@ -198,7 +196,7 @@ func (s *Server) replayFlow(f *flow) {
 	}
 	f.mu.Lock()
 	if f.fd[1] >= 0 {
-		_ = unix.Close(f.fd[1])
+		_ = closeFD(f.fd[1])
 		f.fd[1] = -1
 	}
 	f.mu.Unlock()

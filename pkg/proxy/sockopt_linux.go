@@ -86,18 +86,17 @@ func tuneFD(fd int, ka, ut time.Duration) {
 	}
 	if ka > 0 {
 		secs := max(1, int(ka/time.Second))
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
-		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs)
-		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, max(1, secs/3))
-		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 3)
+		_ = rawSetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs)
+		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, max(1, secs/3))
+		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 3)
 	}
 	if ut > 0 {
-		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(ut.Milliseconds()))
+		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(ut.Milliseconds()))
 	}
 }
 
-func closeFD(fd int) error    { return unix.Close(fd) }
-func shutdownFD(fd int) error { return unix.Shutdown(fd, unix.SHUT_RDWR) }
+func shutdownFD(fd int) error { return rawShutdown(fd, unix.SHUT_RDWR) }
 
 // listenSocket accepts on a listener's socket through a descriptor of its
 // own in Go's poller, so accepted connections come as bare descriptors.
