@@ -30,6 +30,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -849,7 +850,7 @@ func (s *Server) handle(c *conn) {
 	c.mu.Unlock()
 
 	tried := make(map[*upstream.Upstream]bool, 4)
-	up, u, err := s.dialNext(o, c, tried, false)
+	d, err := s.dialNext(o, c, tried, false)
 	if err != nil {
 		if c.killReason() == "" {
 			o.Observer.NoUpstream()
@@ -857,28 +858,34 @@ func (s *Server) handle(c *conn) {
 		}
 		return
 	}
-	if !s.assign(c, u, up) {
-		_ = up.Close()
-		u.Release()
+	if !s.assign(c, d.u, d.up) {
+		d.close()
+		d.u.Release()
 		return
 	}
-	if len(tried) > 1 {
-		o.Observer.Failover() // once per connection, however many tries
-	}
-	o.Observer.ConnOpened(u)
 	handedOff = true
 	var rp *replayState
 	if o.Replay {
-		rp = newReplayState(s, o, c, tried)
+		rp = newReplayState(o)
 	}
-	s.establish(o, c, up, rp)
+	s.establish(o, c, d, tried, rp)
 }
 
-// establish hands c, connected through up, to the relay. From then on the
-// relay owns c: when the connection ends it releases its upstream's place,
-// reports the bytes, and untracks c. If the sockets cannot be handed over
-// (out of descriptors, or c was closed meanwhile), c ends here at once.
-func (s *Server) establish(o *Options, c *conn, up net.Conn, rp *replayState) {
+// close closes what d holds.
+func (d dialed) close() {
+	if d.up != nil {
+		_ = d.up.Close()
+	} else if d.fd >= 0 {
+		_ = closeFD(d.fd)
+	}
+}
+
+// establish hands c, connected or connecting as d says, to the relay. From
+// then on the relay owns c: when the connection ends it releases its
+// upstream's place, reports the bytes, and untracks c. If the sockets
+// cannot be handed over (out of descriptors, or c was closed meanwhile), c
+// ends here at once.
+func (s *Server) establish(o *Options, c *conn, d dialed, tried map[*upstream.Upstream]bool, rp *replayState) {
 	end := func(sent, received int64, err error) {
 		u := c.upstream()
 		u.Release()
@@ -901,17 +908,23 @@ func (s *Server) establish(o *Options, c *conn, up net.Conn, rp *replayState) {
 		cfd := c.takeClient()
 		if cfd < 0 {
 			err = errors.New("the client connection was closed")
-		} else if f, err = newFlow(cfd, up, rp, end); err != nil {
+		} else if f, err = newFlow(cfd, d, rp, end); err != nil {
 			_ = closeFD(cfd)
 		}
 	}
 	if err != nil {
-		_ = up.Close()
+		d.close()
 		if failure.LocalExhaustion(err) && c.killReason() == "" {
 			s.rlog.Log(context.Background(), slog.LevelWarn, "relay", "client connection closed: cannot hand it to the data path", "err", err)
 		}
 		end(0, 0, err)
 		return
+	}
+	f.s, f.o, f.c, f.tried = s, o, c, tried
+	if d.up != nil {
+		f.connectedNow()
+	} else {
+		f.connectFrom(d.start)
 	}
 	if rp != nil {
 		c.replaying.Store(true)
@@ -943,19 +956,30 @@ func (s *Server) startRelay() (*relay, error) {
 
 var errNoUpstream = errors.New("no upstream reachable")
 
+// dialed is what dialNext got: a connected net.Conn from Go's dialer, or
+// a descriptor whose connect is still in progress (up nil, fd >= 0; see
+// connect_linux.go), started at start.
+type dialed struct {
+	up    net.Conn
+	fd    int
+	u     *upstream.Upstream
+	start time.Time
+}
+
 // dialNext dials upstreams not tried yet for c, healthy ones first (only
 // answering ones, see Set.PickAnswering, with answering), until one
-// answers. Each failure is reported to the
-// set as a passive failure. tried collects every upstream attempted for
-// this client connection. The upstream returned has its place in Active
-// reserved (Pick) and its connection counted (Opened); the caller gives
-// the place back with Release.
-func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool, answering bool) (net.Conn, *upstream.Upstream, error) {
+// answers or, for a connect started without blocking, until one is under
+// way. Each failure is reported to the set as a passive failure. tried
+// collects every upstream attempted for this client connection. The
+// upstream returned has its place in Active reserved (Pick); once
+// connected it is counted (Opened: here for Go's dialer, by the loop for
+// a connect under way). The caller gives the place back with Release.
+func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool, answering bool) (dialed, error) {
 	var errs []error
 	exclude := func(x *upstream.Upstream) bool { return tried[x] }
 	for {
 		if c.ctx.Err() != nil {
-			return nil, nil, fmt.Errorf("%w: the connection was closed", errNoUpstream)
+			return dialed{}, fmt.Errorf("%w: the connection was closed", errNoUpstream)
 		}
 		var u *upstream.Upstream
 		if answering {
@@ -965,37 +989,52 @@ func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool
 		}
 		if u == nil {
 			if len(errs) == 0 {
-				return nil, nil, fmt.Errorf("%w: no upstream configured or all tried", errNoUpstream)
+				return dialed{}, fmt.Errorf("%w: no upstream configured or all tried", errNoUpstream)
 			}
-			return nil, nil, fmt.Errorf("%w: %w", errNoUpstream, errors.Join(errs...))
+			return dialed{}, fmt.Errorf("%w: %w", errNoUpstream, errors.Join(errs...))
 		}
 		tried[u] = true
-		ctx, cancel := context.WithTimeout(c.ctx, o.DialTimeout)
 		start := o.Now()
-		up, err := o.Dial(ctx, "tcp", u.Addr())
-		cancel()
-		o.Observer.DialDuration(o.Now().Sub(start))
-		if err == nil {
-			u.Opened()
-			if !o.dialTuned {
-				tuneConn(up, o)
+		var err error
+		if ap, perr := netip.ParseAddrPort(u.Addr()); perr == nil && o.dialTuned && rawConnectSupported {
+			var fd int
+			if fd, err = rawConnect(ap, o.KeepAlive, o.UserTimeout); err == nil {
+				return dialed{fd: fd, u: u, start: start}, nil
 			}
-			return up, u, nil
+			o.Observer.DialDuration(o.Now().Sub(start))
+		} else {
+			ctx, cancel := context.WithTimeout(c.ctx, o.DialTimeout)
+			var up net.Conn
+			up, err = o.Dial(ctx, "tcp", u.Addr())
+			cancel()
+			o.Observer.DialDuration(o.Now().Sub(start))
+			if err == nil {
+				u.Opened()
+				if !o.dialTuned {
+					tuneConn(up, o)
+				}
+				return dialed{up: up, fd: -1, u: u, start: start}, nil
+			}
 		}
 		u.Release()
 		if c.ctx.Err() != nil {
-			return nil, nil, fmt.Errorf("%w: the connection was closed", errNoUpstream)
+			return dialed{}, fmt.Errorf("%w: the connection was closed", errNoUpstream)
 		}
 		if failure.LocalExhaustion(err) {
 			// Out of descriptors here: not the upstream's fault, and no
 			// other upstream would do better.
-			return nil, nil, fmt.Errorf("%w: %s: %w", errNoUpstream, u.Addr(), err)
+			return dialed{}, fmt.Errorf("%w: %s: %w", errNoUpstream, u.Addr(), err)
 		}
-		kind := failure.Classify(err)
-		o.Observer.DialFailed(u, kind)
-		s.set.Passive(u, fmt.Sprintf("connect failed (%s): %v", kind, err))
+		s.dialFailed(o, u, err)
 		errs = append(errs, fmt.Errorf("%s: %w", u.Addr(), err))
 	}
+}
+
+// dialFailed reports a failed connect to u.
+func (s *Server) dialFailed(o *Options, u *upstream.Upstream, err error) {
+	kind := failure.Classify(err)
+	o.Observer.DialFailed(u, kind)
+	s.set.Passive(u, fmt.Sprintf("connect failed (%s): %v", kind, err))
 }
 
 // tuneConn applies keepalive and TCP_USER_TIMEOUT to a TCP connection.

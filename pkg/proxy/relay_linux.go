@@ -14,6 +14,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/extractedprism/extractedprism/pkg/upstream"
 	"golang.org/x/sys/unix"
 )
 
@@ -307,9 +308,10 @@ func (l *loop) register(f *flow) {
 		l.flows = append(l.flows, f)
 	}
 	// Both sides may already hold data or be writable: assume so, and let
-	// the first reads and writes find out.
-	f.readable = [2]bool{true, true}
-	f.writable = [2]bool{true, true}
+	// the first reads and writes find out; a connecting upstream socket
+	// waits for its event.
+	f.readable = [2]bool{true, !f.connecting}
+	f.writable = [2]bool{true, !f.connecting}
 	for side := range 2 {
 		ev := unix.EpollEvent{
 			Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
@@ -337,8 +339,11 @@ func (l *loop) register(f *flow) {
 // toReplay sends f, whose replayWhy is set, out to a replay goroutine.
 func (l *loop) toReplay(f *flow) {
 	l.unregister(f)
-	f.rp.stopTimer()
-	go f.rp.s.replayFlow(f)
+	if f.rp != nil {
+		f.rp.stopTimer()
+	}
+	f.stopDialTimer()
+	go f.s.replayFlow(f)
 }
 
 // unregister takes f out of the loop without closing its sockets (for a
@@ -388,6 +393,9 @@ var errRelayStopped = errors.New("relay stopped")
 // serve moves bytes both ways as far as the sockets allow, then ends f if
 // both directions are done or a socket failed.
 func (l *loop) serve(f *flow) {
+	if f.connecting && !l.connectDone(f) {
+		return
+	}
 	more := f.pump(l.buf, 0) // client to upstream
 	if f.replayWhy == 0 {
 		more = f.pump(l.buf, 1) || more
@@ -437,9 +445,25 @@ type flow struct {
 	// expiredGen is the upstream generation whose first-byte deadline passed.
 	expiredGen atomic.Uint32
 
+	// dialExpired is the connect generation whose deadline passed.
+	dialExpired atomic.Uint32
+
+	// Set once by establish.
+	s     *Server
+	o     *Options
+	c     *conn
+	tried map[*upstream.Upstream]bool // every upstream dialled for c
+
 	// Owned by the loop goroutine (by the replay goroutine while out).
 	home *loop // the loop f belongs to, also while out for a replay
 	rp   *replayState
+	// connecting: fd[1]'s connect is under way (since dialStart; its
+	// deadline is dialTimer, generation dialGen).
+	connecting bool
+	dialStart  time.Time
+	dialGen    uint32
+	dialTimer  *time.Timer
+	failedOver bool // Failover was counted
 	// replayWhy, when set by pump, sends f to a replay: why, and the
 	// upstream error that caused it.
 	replayWhy   replayWhy
@@ -590,6 +614,7 @@ func (f *flow) finish() {
 	if f.rp != nil {
 		f.rp.stopTimer()
 	}
+	f.stopDialTimer()
 	f.pending = [2][]byte{}
 	f.onEnd(f.bytes[1], f.bytes[0], f.err)
 }
@@ -648,12 +673,16 @@ func detach(c any) (int, error) {
 }
 
 // newFlow makes a flow of the client's socket cfd (which it owns from now
-// on, also on error) and up, whose socket it takes out of Go's poller;
+// on, also on error) and the upstream socket of d (a connected net.Conn,
+// whose socket it takes out of Go's poller, or a connecting descriptor);
 // onEnd runs when the flow ends. rp is the replay state (nil: no replay).
-func newFlow(cfd int, up any, rp *replayState, onEnd func(sent, received int64, err error)) (*flow, error) {
-	ufd, err := detach(up)
-	if err != nil {
-		return nil, fmt.Errorf("upstream: %w", err)
+func newFlow(cfd int, d dialed, rp *replayState, onEnd func(sent, received int64, err error)) (*flow, error) {
+	ufd := d.fd
+	if d.up != nil {
+		var err error
+		if ufd, err = detach(d.up); err != nil {
+			return nil, fmt.Errorf("upstream: %w", err)
+		}
 	}
 	return &flow{fd: [2]int{cfd, ufd}, rp: rp, onEnd: onEnd}, nil
 }

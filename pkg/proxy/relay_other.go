@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"errors"
+	"net/netip"
 	"time"
 
 	"github.com/extractedprism/extractedprism/pkg/upstream"
@@ -22,18 +23,28 @@ func (r *relay) add(*flow) {}
 
 func (r *relay) stop() {}
 
-type flow struct{}
+type flow struct {
+	s     *Server
+	o     *Options
+	c     *conn
+	tried map[*upstream.Upstream]bool
+}
 
 type replayState struct{}
 
-func newReplayState(*Server, *Options, *conn, map[*upstream.Upstream]bool) *replayState { return nil }
+func newReplayState(*Options) *replayState { return nil }
 
-func newFlow(int, any, *replayState, func(int64, int64, error)) (*flow, error) {
+func newFlow(int, dialed, *replayState, func(int64, int64, error)) (*flow, error) {
 	return nil, errNoRelay
 }
 
-func (f *flow) kill() {}
+const rawConnectSupported = false
 
-func (f *flow) moveOff() {}
+func rawConnect(netip.AddrPort, time.Duration, time.Duration) (int, error) { return -1, errNoRelay }
+
+func (f *flow) connectedNow()         {}
+func (f *flow) connectFrom(time.Time) {}
+func (f *flow) kill()                 {}
+func (f *flow) moveOff()              {}
 
 func (f *flow) heard(time.Duration) bool { return false }

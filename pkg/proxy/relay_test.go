@@ -9,9 +9,11 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/extractedprism/extractedprism/pkg/failure"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
 
@@ -170,5 +172,98 @@ func TestUpstreamHalfCloseReachesTheClient(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("the upstream never saw the client's FIN")
+	}
+}
+
+// fullListener is a listening socket whose accept queue is full and never
+// drained: the kernel drops further SYNs, so a connect to it neither
+// succeeds nor fails (an apiserver host that stopped answering).
+func fullListener(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	rc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = rc.Control(func(fd uintptr) { _ = syscall.Listen(int(fd), 0) })
+	t.Cleanup(func() { _ = ln.Close() })
+	// Fill the queue (backlog 0 holds one) with connects nobody accepts.
+	for range 2 {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			t.Cleanup(func() { _ = c.Close() })
+		}
+	}
+	return addr
+}
+
+type countDialKinds struct {
+	nop
+	mu    sync.Mutex
+	kinds map[failure.Kind]int
+}
+
+func (c *countDialKinds) DialFailed(_ *upstream.Upstream, k failure.Kind) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.kinds[k]++
+}
+
+// TestConnectTimeoutFailsOver: a connect that hangs is given up after
+// DialTimeout, reported as a timeout, and the client is served by the next
+// upstream within the same connection.
+func TestConnectTimeoutFailsOver(t *testing.T) {
+	hung := fullListener(t)
+	good := startBackend(t, "tcp", "127.0.0.1:0", echo)
+	obs := &countDialKinds{kinds: map[failure.Kind]int{}}
+	h := startProxy(t, Options{DialTimeout: 300 * time.Millisecond, Observer: obs}, []string{hung, good.addr()}, hung, good.addr())
+	for i := range 4 { // round robin: at least two start on the hung upstream
+		c := h.dial(t)
+		msg := []byte{'a' + byte(i)}
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 1)
+		_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if _, err := io.ReadFull(c, got); err != nil || got[0] != msg[0] {
+			t.Fatalf("connection %d: read %q, %v", i, got, err)
+		}
+		_ = c.Close()
+	}
+	waitFor(t, "no connection left", 20*time.Second, func() bool { return h.srv.Active() == 0 })
+	for _, a := range []string{hung, good.addr()} {
+		if n := h.set.Lookup(a).Active(); n != 0 {
+			t.Fatalf("upstream %s holds %d places after every connection ended, want 0", a, n)
+		}
+	}
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if obs.kinds[failure.Timeout] == 0 {
+		t.Fatalf("no connect timeout reported (dial failures by kind: %v)", obs.kinds)
+	}
+}
+
+// TestConnectTimeoutWithNowhereElse: when the only upstream's connect
+// hangs, the client is closed after DialTimeout, and the upstream's place
+// in least-connections is given back exactly once.
+func TestConnectTimeoutWithNowhereElse(t *testing.T) {
+	hung := fullListener(t)
+	h := startProxy(t, Options{DialTimeout: 200 * time.Millisecond}, []string{hung}, hung)
+	u := h.set.Lookup(hung)
+	for range 3 {
+		c := h.dial(t)
+		_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if n, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatalf("read %d bytes from a connection whose only upstream never connects", n)
+		}
+		_ = c.Close()
+	}
+	waitFor(t, "no connection left on the upstream", 20*time.Second, func() bool { return h.srv.Active() == 0 })
+	if n := u.Active(); n != 0 {
+		t.Fatalf("upstream holds %d places after every connection ended, want 0", n)
 	}
 }

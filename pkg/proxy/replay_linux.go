@@ -10,23 +10,24 @@ import (
 	"time"
 
 	"github.com/extractedprism/extractedprism/pkg/failure"
-	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
 
 // replayWhy says why a flow leaves its loop for a replay.
 type replayWhy uint8
 
 const (
-	whyNone     replayWhy = iota
-	whyFailed             // the upstream failed before its first byte
-	whyTimedOut           // its first-byte deadline passed
-	whyMoved              // the balancer moves the connection off it
+	whyNone       replayWhy = iota
+	whyFailed               // the upstream failed before its first byte
+	whyTimedOut             // its first-byte deadline passed
+	whyMoved                // the balancer moves the connection off it
+	whyDialFailed           // its connect failed or timed out
 )
 
 // Nudge flags: set from other goroutines, read by the flow's loop.
 const (
-	nudgeMoved   uint32 = 1 << iota // CloseUpstream moves a waiting connection
-	nudgeExpired                    // the first-byte deadline passed
+	nudgeMoved       uint32 = 1 << iota // CloseUpstream moves a waiting connection
+	nudgeExpired                        // the first-byte deadline passed
+	nudgeDialTimeout                    // the connect deadline passed
 )
 
 var errMoved = errors.New("moved off a down upstream")
@@ -35,11 +36,7 @@ var errMoved = errors.New("moved off a down upstream")
 // belongs to the flow's owner (loop or replay goroutine) like the flow's
 // own fields.
 type replayState struct {
-	s *Server
 	o *Options
-	c *conn
-	// tried holds every upstream dialled for this connection.
-	tried map[*upstream.Upstream]bool
 	// kept holds the client's bytes while they are TLS handshake records
 	// only (replayable) and fit ReplayBufferBytes.
 	kept       []byte
@@ -54,8 +51,8 @@ type replayState struct {
 	patient bool
 }
 
-func newReplayState(s *Server, o *Options, c *conn, tried map[*upstream.Upstream]bool) *replayState {
-	return &replayState{s: s, o: o, c: c, tried: tried, replayable: true}
+func newReplayState(o *Options) *replayState {
+	return &replayState{o: o, replayable: true}
 }
 
 // keep records client bytes read during the replay phase.
@@ -96,7 +93,7 @@ func (f *flow) armFirstByte() {
 // answered ends the replay phase at the upstream's first byte.
 func (f *flow) answered() {
 	f.rp.stopTimer()
-	f.rp.c.replaying.Store(false)
+	f.c.replaying.Store(false)
 	f.rp = nil
 }
 
@@ -109,7 +106,7 @@ func (f *flow) answered() {
 // client's bytes cannot be replayed, or the connection is being closed.
 func (f *flow) upstreamFailed(err error) bool {
 	rp := f.rp
-	if rp.c.killReason() != "" || f.eof[0] || rp.fromClient == 0 || (!rp.replayable && f.bytes[1] > 0) {
+	if f.c.killReason() != "" || f.eof[0] || rp.fromClient == 0 || (!rp.replayable && f.bytes[1] > 0) {
 		f.answered()
 		return false
 	}
@@ -138,6 +135,16 @@ func (l *loop) nudged(f *flow) {
 		return
 	}
 	flags := f.nudges.Swap(0)
+	if f.connecting {
+		if flags&nudgeDialTimeout != 0 && f.dialExpired.Load() == f.dialGen {
+			f.replayWhy, f.replayCause = whyDialFailed, errConnectTimeout
+			l.toReplay(f)
+		} else if flags&nudgeMoved != 0 {
+			f.replayWhy, f.replayCause = whyMoved, errMoved
+			l.toReplay(f)
+		}
+		return
+	}
 	rp := f.rp
 	if rp == nil || flags == 0 {
 		return // answered meanwhile
@@ -167,39 +174,60 @@ func (f *flow) moveOff() { f.nudge(nudgeMoved) }
 
 // replayFlow runs in a goroutine of its own while f is out of its loop: it
 // reports the failure, dials the next upstream and sends f back to its
-// loop with the kept bytes pending for the new upstream; or ends f when
-// no upstream is left. A first-byte deadline moves the connection only to
-// an upstream that is up and answers its probes: when there is none,
-// every apiserver is slow, and f goes back to wait for the one it has.
+// loop (with the kept bytes pending for the new upstream, if its last one
+// had been connected); or ends f when no upstream is left. A first-byte
+// deadline moves the connection only to an upstream that is up and
+// answers its probes: when there is none, every apiserver is slow, and f
+// goes back to wait for the one it has.
 func (s *Server) replayFlow(f *flow) {
-	rp, why, cause := f.rp, f.replayWhy, f.replayCause
+	why, cause := f.replayWhy, f.replayCause
 	f.replayWhy, f.replayCause = whyNone, nil
-	o, c := rp.o, rp.c
+	o, c, rp := f.o, f.c, f.rp
 	u := c.upstream()
 	moved, timedOut := why == whyMoved, why == whyTimedOut
-	reason := firstByteFailure(cause, timedOut, moved, o.FirstByteTimeout)
-	if !moved {
-		kind := failure.Timeout
-		if !timedOut {
-			kind = failure.Classify(cause)
+	wasConnecting := f.connecting
+	f.connecting = false
+	var reason string
+	if wasConnecting {
+		// The connect failed or timed out, or the balancer moved the
+		// connection off the upstream before it was connected. u keeps
+		// its place until the connection has another (or ends).
+		f.closeUpstreamFD()
+		if moved {
+			reason = "moved off a down upstream"
+		} else {
+			o.Observer.DialDuration(o.Now().Sub(f.dialStart))
+			if c.ctx.Err() == nil && !failure.LocalExhaustion(cause) {
+				s.dialFailed(o, u, cause)
+			}
+			reason = fmt.Sprintf("%s: %v", u.Addr(), cause)
 		}
-		o.Observer.DialFailed(u, kind)
-		s.set.Passive(u, reason)
+		if c.ctx.Err() != nil || failure.LocalExhaustion(cause) {
+			f.err = fmt.Errorf("%w: %s", errNoUpstream, reason)
+			f.finish()
+			return
+		}
+	} else {
+		reason = firstByteFailure(cause, timedOut, moved, o.FirstByteTimeout)
+		if !moved {
+			kind := failure.Timeout
+			if !timedOut {
+				kind = failure.Classify(cause)
+			}
+			o.Observer.DialFailed(u, kind)
+			s.set.Passive(u, reason)
+		}
 	}
-	failedOverBefore := len(rp.tried) > 1
-	next, nu, derr := s.dialNext(o, c, rp.tried, timedOut)
+	d, derr := s.dialNext(o, c, f.tried, timedOut)
 	if derr != nil && timedOut && c.killReason() == "" {
 		rp.patient = true
 		o.Logger.Debug("no other upstream is up; waiting for a slow upstream", "upstream", u.Addr())
 		f.home.add(f)
 		return
 	}
-	f.mu.Lock()
-	if f.fd[1] >= 0 {
-		_ = closeFD(f.fd[1])
-		f.fd[1] = -1
+	if !wasConnecting {
+		f.closeUpstreamFD()
 	}
-	f.mu.Unlock()
 	if derr != nil {
 		if c.killReason() == "" {
 			o.Observer.NoUpstream()
@@ -210,33 +238,53 @@ func (s *Server) replayFlow(f *flow) {
 		f.finish()
 		return
 	}
-	if !failedOverBefore {
-		o.Observer.Failover()
+	if !wasConnecting {
+		if rp != nil {
+			o.Observer.Replayed()
+			o.Logger.Debug("replaying handshake", "from", u.Addr(), "to", d.u.Addr(), "bytes", len(rp.kept), "reason", reason)
+		}
+		o.Observer.ConnClosed(u, f.bytes[1], 0)
 	}
-	o.Observer.Replayed()
-	o.Logger.Debug("replaying handshake", "from", u.Addr(), "to", nu.Addr(), "bytes", len(rp.kept), "reason", reason)
 	u.Release()
-	o.Observer.ConnClosed(u, f.bytes[1], 0)
-	o.Observer.ConnOpened(nu)
-	alive := s.assign(c, nu, next)
-	nfd, err := detach(next)
-	if err != nil {
-		f.err = fmt.Errorf("upstream: %w", err)
-		f.finish()
-		return
+	alive := s.assign(c, d.u, d.up)
+	ufd := d.fd
+	if d.up != nil {
+		var err error
+		if ufd, err = detach(d.up); err != nil {
+			f.err = fmt.Errorf("upstream: %w", err)
+			f.finish()
+			return
+		}
 	}
 	f.mu.Lock()
-	f.fd[1] = nfd
+	f.fd[1] = ufd
 	f.mu.Unlock()
+	if d.up != nil {
+		f.connectedNow()
+	} else {
+		f.connectFrom(d.start)
+	}
 	// The new upstream starts from the kept handshake, and gets the
 	// client's FIN again after it.
-	rp.gen++
 	f.bytes[1] = 0
-	f.pending[1] = append([]byte(nil), rp.kept...)
 	f.eof[1], f.done[1], f.hup[1] = false, false, false
-	f.done[0] = false
+	if rp != nil {
+		rp.gen++
+		f.pending[1] = append([]byte(nil), rp.kept...)
+		f.done[0] = false
+	}
 	if !alive {
 		f.kill()
 	}
 	f.home.add(f)
+}
+
+// closeUpstreamFD closes f's upstream socket (f is out of its loop).
+func (f *flow) closeUpstreamFD() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fd[1] >= 0 {
+		_ = closeFD(f.fd[1])
+		f.fd[1] = -1
+	}
 }

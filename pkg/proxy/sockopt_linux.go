@@ -163,3 +163,12 @@ func (ls *listenSocket) accept() (int, error) {
 }
 
 func (ls *listenSocket) close() error { return ls.file.Close() }
+
+// netInterfaceIndex resolves an IPv6 zone (interface name or number).
+func netInterfaceIndex(zone string) (uint32, error) {
+	ifi, err := net.InterfaceByName(zone)
+	if err != nil {
+		return 0, fmt.Errorf("zone %q: %w", zone, err)
+	}
+	return uint32(ifi.Index), nil //nolint:gosec // interface indexes are small
+}
