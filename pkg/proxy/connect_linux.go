@@ -23,8 +23,8 @@ import (
 // failure and starts the next connect. The other cases (a host name, a
 // Dial given in Options) dial in a goroutine with Go's dialer.
 
-// rawConnect creates a non-blocking socket with TCP_NODELAY, keepalive ka
-// and TCP_USER_TIMEOUT ut, and starts connecting it to ap. It returns the
+// rawConnect creates a non-blocking socket tuned by tuneFD (TCP_NODELAY,
+// keepalive ka, TCP_USER_TIMEOUT ut), and starts connecting it to ap. It returns the
 // descriptor (the connect may still be in progress) or the error of the
 // socket or the connect.
 func rawConnect(ap netip.AddrPort, ka, ut time.Duration) (int, error) {
@@ -37,7 +37,6 @@ func rawConnect(ap netip.AddrPort, ka, ut time.Duration) (int, error) {
 		return -1, e
 	}
 	fd := int(r) //nolint:gosec // a descriptor
-	_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	tuneFD(fd, ka, ut)
 	var err error
 	if family == unix.AF_INET {

@@ -77,13 +77,15 @@ func receivedOnFD(fd int, d time.Duration) bool {
 	return err == nil && info.Bytes_received > 0 && time.Duration(info.Last_data_recv)*time.Millisecond < d
 }
 
-// tuneFD applies TCP keepalive (idle time ka, a third of it between
-// probes, 3 probes) and TCP_USER_TIMEOUT ut to a socket; zero leaves each
-// alone.
+// tuneFD sets TCP_NODELAY (the data path forwards what it reads at once,
+// as Go does for its own connections), TCP keepalive (idle time ka, a
+// third of it between probes, 3 probes) and TCP_USER_TIMEOUT ut on a
+// socket; a zero ka or ut leaves that one alone.
 func tuneFD(fd int, ka, ut time.Duration) {
 	if fd < 0 {
 		return
 	}
+	_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if ka > 0 {
 		secs := max(1, int(ka/time.Second))
 		_ = rawSetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
