@@ -73,8 +73,10 @@ type Observer interface {
 type Options struct {
 	// Set supplies upstreams (required).
 	Set *upstream.Set
-	// Dial connects to upstreams (default: net.Dialer with KeepAlive and
-	// UserTimeout applied).
+	// Dial connects to upstreams. Default: upstreams given as IP addresses
+	// are connected from the event loops without blocking (see
+	// connect_linux.go), others with a net.Dialer; both apply KeepAlive
+	// and UserTimeout. A Dial given here is used for every upstream.
 	Dial DialFunc
 	// DialTimeout bounds one connect attempt (default 1s).
 	DialTimeout time.Duration
