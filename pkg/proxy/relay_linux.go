@@ -648,26 +648,35 @@ func (f *flow) heard(d time.Duration) bool {
 // detach duplicates c's socket descriptor and closes c, so that the socket
 // lives on in the returned descriptor only, outside Go's poller.
 func detach(c any) (int, error) {
+	nfd, err := dupSocket(c)
+	if err != nil {
+		return -1, err
+	}
+	if cl, ok := c.(interface{ Close() error }); ok {
+		_ = cl.Close()
+	}
+	return nfd, nil
+}
+
+// dupSocket returns a close-on-exec duplicate of c's socket descriptor.
+func dupSocket(c any) (int, error) {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return -1, fmt.Errorf("%T has no socket descriptor", c)
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return -1, fmt.Errorf("raw connection: %w", err)
+		return -1, fmt.Errorf("raw socket: %w", err)
 	}
 	nfd := -1
 	var derr error
 	if err := rc.Control(func(fd uintptr) {
 		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
 	}); err != nil {
-		return -1, fmt.Errorf("raw connection: %w", err)
+		return -1, fmt.Errorf("raw socket: %w", err)
 	}
 	if derr != nil {
 		return -1, fmt.Errorf("duplicate descriptor: %w", derr)
-	}
-	if cl, ok := c.(interface{ Close() error }); ok {
-		_ = cl.Close()
 	}
 	return nfd, nil
 }

@@ -108,23 +108,9 @@ type listenSocket struct {
 }
 
 func newListenSocket(ln net.Listener) (*listenSocket, error) {
-	sc, ok := ln.(syscall.Conn)
-	if !ok {
-		return nil, fmt.Errorf("%T has no socket descriptor", ln)
-	}
-	lrc, err := sc.SyscallConn()
+	nfd, err := dupSocket(ln)
 	if err != nil {
-		return nil, fmt.Errorf("raw listener: %w", err)
-	}
-	nfd := -1
-	var derr error
-	if err := lrc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, fmt.Errorf("raw listener: %w", err)
-	}
-	if derr != nil {
-		return nil, fmt.Errorf("duplicate listener descriptor: %w", derr)
+		return nil, fmt.Errorf("listener: %w", err)
 	}
 	file := os.NewFile(uintptr(nfd), "listener") //nolint:gosec // a descriptor just duplicated
 	rc, err := file.SyscallConn()
