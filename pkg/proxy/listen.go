@@ -15,11 +15,19 @@ import (
 // property of the kernel, the same for every socket).
 var steeringErr atomic.Pointer[error]
 
-// Listen binds a TCP listener on addr. With reusePort the socket gets
-// SO_REUSEPORT, so a second instance (a surged DaemonSet pod, a new
-// process during an upgrade) can bind the same address while this one
-// drains, and the newest instance receives the new connections (see
-// preferNewest), so the old one's accept queue is empty when it closes.
+// Listen binds a TCP listener on addr.
+//
+// Without reusePort the port is this socket's alone: the kernel refuses
+// every other bind of it, whatever the UID.
+//
+// With reusePort the socket gets SO_REUSEPORT, so a second instance (a
+// surged DaemonSet pod, a new process during an upgrade) can bind the same
+// address while this one drains. The kernel lets any process of the same
+// UID join that way, so the listener announces itself on the listener
+// handshake (see group_linux.go), and new connections are steered to the
+// newest socket (see preferNewest) only while every socket on the port is
+// an extractedprism of ours; the old instance's accept queue is then empty
+// when it closes. A Guard keeps that true as sockets come and go.
 func Listen(ctx context.Context, addr string, reusePort bool) (net.Listener, error) {
 	lc := net.ListenConfig{}
 	if reusePort {
@@ -29,19 +37,19 @@ func Listen(ctx context.Context, addr string, reusePort bool) (net.Listener, err
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	if reusePort {
-		// Best effort: kernels without socket BPF (EOPNOTSUPP) keep the
-		// kernel's hash-based spreading, where a closing listener's
-		// queue is migrated only with net.ipv4.tcp_migrate_req=1.
-		if tl, ok := ln.(*net.TCPListener); ok {
-			if rc, err := tl.SyscallConn(); err == nil {
-				if err := preferNewest(rc); err != nil {
-					steeringErr.Store(&err)
-				}
-			}
-		}
+	if !reusePort {
+		return ln, nil
 	}
-	return ln, nil
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return ln, nil
+	}
+	rl, err := announce(tl)
+	if err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return rl, nil
 }
 
 // HandoverCheck reports whether a second instance binding the same

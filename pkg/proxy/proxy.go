@@ -2,18 +2,28 @@
 // streams to upstreams picked from an upstream.Set.
 //
 // A Server owns its accept loops (one per listener given to Serve), the
-// event loops of its data path (relay), and the optional rebalancer; Run
-// stops and waits for all of them. A connection goes through two phases:
+// event loops of its data path (package relay), and the optional
+// rebalancer; Run stops and waits for all of them. The data path is in
+// layers, each depending only on those below it:
 //
-//   - Connecting, in a goroutine of its own: the upstream is dialled; a
-//     failed connect is reported to the upstream set as a passive failure
-//     (a probe then decides whether the upstream is down) and the same
-//     client connection is tried on the next upstream.
-//   - Connected: both sockets are handed to the relay's event loops (see
-//     relay_linux.go) and the goroutine ends. A connection costs a small
-//     struct and no goroutine or buffer while idle. With replay, the
-//     client's TLS handshake is kept until the upstream's first byte and
-//     may be replayed to another upstream (see replay.go).
+//   - relay (pkg/proxy/relay): event loops carrying descriptors, buffers
+//     and half-close; it reports what happens on a connection to a
+//     Handler and carries out the verdict. Nothing about upstreams.
+//   - connect and replay beside it: a connect started without blocking,
+//     and the kept TLS handshake (replay.Keeper).
+//   - this package on top: accept, pick, the connection's phases and their
+//     owners (conn.go), the decisions as plain functions (policy.go),
+//     their execution (events.go, move.go), close_on_down, rebalance and
+//     drain.
+//
+// A connection is dialled in a goroutine of its own; a failed connect is
+// reported to the upstream set as a passive failure (a probe then decides
+// whether the upstream is down) and the same client connection is tried
+// on the next upstream. Once connected (or connecting without blocking),
+// both sockets are handed to the relay and the goroutine ends: a
+// connection costs a small struct and no goroutine or buffer while idle.
+// With replay, the client's TLS handshake is kept until the upstream's
+// first byte and may be replayed to another upstream (see replay.go).
 //
 // Connections are tracked from the moment they are accepted, indexed by the
 // upstream they ride on, so that closing one upstream's connections
@@ -30,7 +40,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -39,6 +48,7 @@ import (
 	"time"
 
 	"github.com/extractedprism/extractedprism/pkg/failure"
+	"github.com/extractedprism/extractedprism/pkg/proxy/relay"
 	"github.com/extractedprism/extractedprism/pkg/ratelog"
 	"github.com/extractedprism/extractedprism/pkg/upstream"
 )
@@ -66,7 +76,14 @@ type Observer interface {
 	// DialFailed: a connect to u failed, or u failed a connection before
 	// its first byte (after the client had sent bytes).
 	DialFailed(u *upstream.Upstream, kind failure.Kind)
+	// Refused: a client connection was accepted and reset at once, for
+	// reason (RefusedMaxConnections).
+	Refused(reason string)
 }
+
+// RefusedMaxConnections is the reason of a connection refused because
+// MaxConnections were being proxied.
+const RefusedMaxConnections = "max_connections"
 
 // Options configure a Server. Zero values get the defaults documented per
 // field.
@@ -75,7 +92,7 @@ type Options struct {
 	Set *upstream.Set
 	// Dial connects to upstreams. Default: upstreams given as IP addresses
 	// are connected from the event loops without blocking (see
-	// connect_linux.go), others with a net.Dialer; both apply KeepAlive
+	// package connect), others with a net.Dialer; both apply KeepAlive
 	// and UserTimeout. A Dial given here is used for every upstream.
 	Dial DialFunc
 	// DialTimeout bounds one connect attempt (default 1s).
@@ -97,6 +114,13 @@ type Options struct {
 	FirstByteTimeout time.Duration
 	// ReplayBufferBytes bounds the kept handshake (default 16 KiB).
 	ReplayBufferBytes int
+	// MaxConnections caps the client connections tracked at once, over
+	// all listeners and upstreams (0 = no cap). A connection accepted
+	// beyond it is reset at once (SO_LINGER 0), counted (Refused) and
+	// logged at a limited rate; it never waits in the backlog. Lowering
+	// it on SetOptions cuts no connection: new ones are refused until
+	// enough have ended.
+	MaxConnections int
 	// SuccessorServes reports whether another listening socket than ln
 	// serves ln's port (default: none is ever assumed). The daemon passes
 	// OtherListener.
@@ -171,12 +195,19 @@ type Server struct {
 	// rlog logs bursts of identical failures once per window with a count.
 	rlog *ratelog.Limiter
 
-	// relay carries established connections; started at the first one.
-	relayOnce sync.Once
-	relay     *relay
-	relayErr  error
+	// relay carries established connections; started at the first one
+	// (tried again at the next if it fails), never after Run has stopped
+	// it (relayMu guards the start and the stop).
+	relayMu      sync.Mutex
+	relay        atomic.Pointer[relay.Relay]
+	relayStopped bool
+	// newRelay starts the relay (default relay.New with the default
+	// config); tests inject failures through it.
+	newRelay func() (*relay.Relay, error)
 
-	active    atomic.Int64
+	active atomic.Int64
+	// refused counts connections refused by MaxConnections.
+	refused   atomic.Uint64
 	acceptErr atomic.Pointer[acceptFailure]
 	loopDied  atomic.Bool
 	wg        sync.WaitGroup // accept loops and connection handlers
@@ -285,8 +316,9 @@ func (s *Server) Accepting() bool {
 	return len(s.listeners) > 0 && !s.shutdown
 }
 
-// Alive reports whether no accept loop has died unexpectedly.
-func (s *Server) Alive() bool { return !s.loopDied.Load() }
+// Alive reports whether no accept loop and no event loop has died
+// unexpectedly (LivenessError says which).
+func (s *Server) Alive() bool { return s.LivenessError() == nil }
 
 // AcceptError returns the error of the last accept if it failed and no
 // accept has succeeded since (e.g. too many open files), or nil.
@@ -299,6 +331,13 @@ func (s *Server) AcceptError() error {
 
 // Active returns the number of client connections being proxied.
 func (s *Server) Active() int64 { return s.active.Load() }
+
+// MaxConnections returns the cap on Active in force (0 = none).
+func (s *Server) MaxConnections() int { return s.opts.Load().MaxConnections }
+
+// Refused returns how many connections were refused because
+// MaxConnections were being proxied.
+func (s *Server) Refused() uint64 { return s.refused.Load() }
 
 // Run operates the server until ctx is done, then shuts down: listeners
 // close, established connections get DrainTimeout to finish and are then
@@ -317,9 +356,12 @@ func (s *Server) Run(ctx context.Context) error {
 	<-ctx.Done()
 	s.drain()
 	s.wg.Wait()
-	s.relayOnce.Do(func() {}) // no relay may start from now on
-	if s.relay != nil {
-		s.relay.stop()
+	s.relayMu.Lock()
+	s.relayStopped = true // no relay may start from now on
+	r := s.relay.Load()
+	s.relayMu.Unlock()
+	if r != nil {
+		r.Stop()
 	}
 	rbCancel()
 	<-rbDone
@@ -504,14 +546,14 @@ func (s *Server) CloseUpstream(ctx context.Context, u *upstream.Upstream, spread
 	}
 	var waiting, riding []*conn
 	for _, c := range s.connsOn(u) {
-		if c.replaying.Load() {
+		if c.waiting() {
 			waiting = append(waiting, c)
 		} else {
 			riding = append(riding, c)
 		}
 	}
 	for _, c := range waiting {
-		c.closeUpstreamLeg()
+		c.closeUpstreamLeg(u)
 	}
 	start := o.Now()
 	offsets := make([]time.Duration, len(riding))
@@ -583,19 +625,33 @@ func (s *Server) closeConns(match func(*conn) bool, reason string) int {
 	return n
 }
 
-// track starts tracking c, or reports false once shutdown has begun (the
-// caller then closes it): shutdown never waits on a connection it cannot
-// see.
-func (s *Server) track(c *conn) bool {
+// Results of track.
+type trackResult int
+
+const (
+	tracked  trackResult = iota
+	shutDown             // shutdown has begun
+	full                 // MaxConnections are tracked
+)
+
+// track starts tracking c. It refuses once shutdown has begun (shutdown
+// never waits on a connection it cannot see) and while c's MaxConnections
+// are tracked; the caller then closes c's socket. The count is taken
+// under s.mu, so accept loops of several listeners together never exceed
+// the cap.
+func (s *Server) track(c *conn) trackResult {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.shutdown {
-		return false
+		return shutDown
+	}
+	if limit := c.o.MaxConnections; limit > 0 && len(s.conns) >= limit {
+		return full
 	}
 	s.conns[c] = struct{}{}
 	s.index(c, nil)
 	s.active.Add(1)
-	return true
+	return tracked
 }
 
 func (s *Server) untrack(c *conn) {
@@ -688,8 +744,15 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 		if s.acceptErr.Load() != nil {
 			s.acceptErr.Store(nil)
 		}
-		pc := newConn(fd, s.opts.Load().Now())
-		if !s.track(pc) {
+		pc := newConn(s, s.opts.Load(), fd)
+		switch s.track(pc) {
+		case tracked:
+		case full:
+			pc.cancel()
+			s.refuse(pc.o, fd)
+			continue
+		default:
+			pc.cancel()
 			_ = closeFD(fd) // shutting down
 			continue
 		}
@@ -698,361 +761,23 @@ func (s *Server) acceptLoop(al *acceptLoop) {
 	}
 }
 
+// refuse resets a connection accepted beyond MaxConnections: the client
+// sees its connect succeed and its first read fail with a reset, at once,
+// rather than waiting in the backlog until it times out; and no TIME_WAIT
+// is left behind however many are refused. It is counted and logged once
+// per window with a count.
+func (s *Server) refuse(o *Options, fd int) {
+	_ = resetFD(fd)
+	s.refused.Add(1)
+	o.Observer.Refused(RefusedMaxConnections)
+	s.rlog.Log(context.Background(), slog.LevelWarn, "refused "+RefusedMaxConnections,
+		"connection refused: proxy.max_connections reached", "max_connections", o.MaxConnections,
+		"active", s.active.Load())
+}
+
 // logAcceptError logs accept failures once per window with a count.
 func (s *Server) logAcceptError(err error, delay time.Duration) {
 	s.rlog.Log(context.Background(), slog.LevelWarn, "accept", "accept failed, retrying", "err", err, "retry_in", delay)
-}
-
-const (
-	reasonDrain     = "drain timeout"
-	reasonDown      = "upstream down"
-	reasonRebalance = "rebalance"
-)
-
-// conn is one proxied client connection.
-type conn struct {
-	start time.Time
-	// ctx ends when the connection is killed; dials for it use it.
-	ctx    context.Context
-	cancel context.CancelFunc
-
-	// replaying is true until the upstream's first byte (replay phase).
-	replaying atomic.Bool
-
-	mu sync.Mutex
-	// cfd is the client's socket until the flow takes it (then -1).
-	cfd int
-	up  net.Conn
-	u   *upstream.Upstream
-	// flow carries the connection once connected; up is closed then, its
-	// socket lives on in flow.
-	flow   *flow
-	killed string
-}
-
-func newConn(cfd int, now time.Time) *conn {
-	ctx, cancel := context.WithCancel(context.Background())
-	return &conn{cfd: cfd, start: now, ctx: ctx, cancel: cancel}
-}
-
-// closeClient closes the client's socket if c still holds it.
-func (c *conn) closeClient() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.cfd >= 0 {
-		_ = closeFD(c.cfd)
-		c.cfd = -1
-	}
-}
-
-// takeClient hands the client's socket over to the caller.
-func (c *conn) takeClient() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	fd := c.cfd
-	c.cfd = -1
-	return fd
-}
-
-// closeUpstreamLeg moves a connection still waiting for its upstream's
-// first byte to another upstream (its handshake is replayed there).
-func (c *conn) closeUpstreamLeg() {
-	c.mu.Lock()
-	f := c.flow
-	c.mu.Unlock()
-	if f != nil && c.replaying.Load() {
-		f.moveOff()
-	}
-}
-
-func (c *conn) upstream() *upstream.Upstream {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.u
-}
-
-// kill closes both legs; the copy goroutines then end. It reports whether
-// this call killed c (false if it was killed before).
-func (c *conn) kill(reason string) bool {
-	first := c.claim(reason)
-	c.closeNow()
-	return first
-}
-
-// claim records why c is being closed and reports whether this is the
-// first reason given. Callers that count closes count them between claim
-// and closeNow, so a counter never lags the close its client sees.
-func (c *conn) claim(reason string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	first := c.killed == ""
-	if first {
-		c.killed = reason
-	}
-	return first
-}
-
-// closeNow cancels c's work and shuts both of its sockets down; whoever
-// holds them (handle, or the relay once connected) then closes them.
-func (c *conn) closeNow() {
-	c.mu.Lock()
-	up, f := c.up, c.flow
-	if c.cfd >= 0 {
-		_ = shutdownFD(c.cfd)
-	}
-	c.mu.Unlock()
-	c.cancel()
-	if f != nil {
-		f.kill()
-		return
-	}
-	if up != nil {
-		_ = up.Close()
-	}
-}
-
-// heardWithin reports whether c's upstream socket received data within d.
-func (c *conn) heardWithin(d time.Duration) bool {
-	c.mu.Lock()
-	up, f := c.up, c.flow
-	c.mu.Unlock()
-	if f != nil {
-		return f.heard(d)
-	}
-	sc, ok := up.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	rc, err := sc.SyscallConn()
-	return err == nil && receivedWithin(rc, d)
-}
-
-func (c *conn) killReason() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.killed
-}
-
-// handle runs c's connecting phase and hands it to the relay; whoever ends
-// c (handle itself, or the relay once established) untracks it.
-func (s *Server) handle(c *conn) {
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			c.cancel()
-			c.closeClient()
-			s.untrack(c)
-			s.wg.Done()
-		}
-	}()
-	o := s.opts.Load()
-	o.Observer.Accepted()
-	c.mu.Lock()
-	tuneFD(c.cfd, o.KeepAlive, o.UserTimeout)
-	c.mu.Unlock()
-
-	tried := make(map[*upstream.Upstream]bool, 4)
-	d, err := s.dialNext(o, c, tried, false)
-	if err != nil {
-		if c.killReason() == "" {
-			o.Observer.NoUpstream()
-			s.rlog.Log(context.Background(), slog.LevelWarn, "no-upstream", "client connection closed: no upstream reachable", "reason", err)
-		}
-		return
-	}
-	if !s.assign(c, d.u, d.up) {
-		d.close()
-		d.u.Release()
-		return
-	}
-	handedOff = true
-	var rp *replayState
-	if o.Replay {
-		rp = newReplayState(o)
-	}
-	s.establish(o, c, d, tried, rp)
-}
-
-// close closes what d holds.
-func (d dialed) close() {
-	if d.up != nil {
-		_ = d.up.Close()
-	} else if d.fd >= 0 {
-		_ = closeFD(d.fd)
-	}
-}
-
-// establish hands c, connected or connecting as d says, to the relay. From
-// then on the relay owns c: when the connection ends it releases its
-// upstream's place, reports the bytes, and untracks c. If the sockets
-// cannot be handed over (out of descriptors, or c was closed meanwhile), c
-// ends here at once.
-func (s *Server) establish(o *Options, c *conn, d dialed, tried map[*upstream.Upstream]bool, rp *replayState) {
-	end := func(sent, received int64, err error) {
-		u := c.upstream()
-		u.Release()
-		o.Observer.ConnClosed(u, sent, received)
-		if o.Logger.Enabled(context.Background(), slog.LevelDebug) {
-			reason := c.killReason()
-			if reason == "" && err != nil {
-				reason = err.Error()
-			}
-			o.Logger.Debug("connection closed", "upstream", u.Addr(),
-				"sent", sent, "received", received, "reason", reason, "age", o.Now().Sub(c.start).Round(time.Millisecond))
-		}
-		c.cancel()
-		s.untrack(c)
-		s.wg.Done()
-	}
-	r, err := s.startRelay()
-	var f *flow
-	if err == nil {
-		cfd := c.takeClient()
-		if cfd < 0 {
-			err = errors.New("the client connection was closed")
-		} else if f, err = newFlow(cfd, d, rp, end); err != nil {
-			_ = closeFD(cfd)
-		}
-	}
-	if err != nil {
-		d.close()
-		if failure.LocalExhaustion(err) && c.killReason() == "" {
-			s.rlog.Log(context.Background(), slog.LevelWarn, "relay", "client connection closed: cannot hand it to the data path", "err", err)
-		}
-		end(0, 0, err)
-		return
-	}
-	f.s, f.o, f.c, f.tried = s, o, c, tried
-	if d.up != nil {
-		f.connectedNow()
-	} else {
-		f.connectFrom(d.start)
-	}
-	if rp != nil {
-		c.replaying.Store(true)
-	}
-	c.mu.Lock()
-	c.flow = f
-	killed := c.killed != ""
-	c.mu.Unlock()
-	if killed {
-		f.kill() // closed while being handed over: the relay ends it
-	}
-	r.add(f)
-}
-
-// startRelay starts the relay's event loops at the first established
-// connection; it fails only if the kernel refuses them.
-func (s *Server) startRelay() (*relay, error) {
-	s.relayOnce.Do(func() {
-		s.relay, s.relayErr = newRelay()
-		if s.relayErr != nil {
-			s.relayErr = fmt.Errorf("start the data path: %w", s.relayErr)
-		}
-	})
-	if s.relay == nil && s.relayErr == nil {
-		return nil, ErrShutdown
-	}
-	return s.relay, s.relayErr
-}
-
-var errNoUpstream = errors.New("no upstream reachable")
-
-// dialed is what dialNext got: a connected net.Conn from Go's dialer, or
-// a descriptor whose connect is still in progress (up nil, fd >= 0; see
-// connect_linux.go), started at start.
-type dialed struct {
-	up    net.Conn
-	fd    int
-	u     *upstream.Upstream
-	start time.Time
-}
-
-// dialNext dials upstreams not tried yet for c, healthy ones first (only
-// answering ones, see Set.PickAnswering, with answering), until one
-// answers or, for a connect started without blocking, until one is under
-// way. Each failure is reported to the set as a passive failure. tried
-// collects every upstream attempted for this client connection. The
-// upstream returned has its place in Active reserved (Pick); once
-// connected it is counted (Opened: here for Go's dialer, by the loop for
-// a connect under way). The caller gives the place back with Release.
-func (s *Server) dialNext(o *Options, c *conn, tried map[*upstream.Upstream]bool, answering bool) (dialed, error) {
-	var errs []error
-	exclude := func(x *upstream.Upstream) bool { return tried[x] }
-	for {
-		if c.ctx.Err() != nil {
-			return dialed{}, fmt.Errorf("%w: the connection was closed", errNoUpstream)
-		}
-		var u *upstream.Upstream
-		if answering {
-			u = s.set.PickAnswering(exclude)
-		} else {
-			u = s.set.Pick(exclude)
-		}
-		if u == nil {
-			if len(errs) == 0 {
-				return dialed{}, fmt.Errorf("%w: no upstream configured or all tried", errNoUpstream)
-			}
-			return dialed{}, fmt.Errorf("%w: %w", errNoUpstream, errors.Join(errs...))
-		}
-		tried[u] = true
-		start := o.Now()
-		var err error
-		if ap, perr := netip.ParseAddrPort(u.Addr()); perr == nil && o.dialTuned && rawConnectSupported {
-			var fd int
-			if fd, err = rawConnect(ap, o.KeepAlive, o.UserTimeout); err == nil {
-				return dialed{fd: fd, u: u, start: start}, nil
-			}
-			o.Observer.DialDuration(o.Now().Sub(start))
-		} else {
-			ctx, cancel := context.WithTimeout(c.ctx, o.DialTimeout)
-			var up net.Conn
-			up, err = o.Dial(ctx, "tcp", u.Addr())
-			cancel()
-			o.Observer.DialDuration(o.Now().Sub(start))
-			if err == nil {
-				u.Opened()
-				if !o.dialTuned {
-					tuneConn(up, o)
-				}
-				return dialed{up: up, fd: -1, u: u, start: start}, nil
-			}
-		}
-		u.Release()
-		if c.ctx.Err() != nil {
-			return dialed{}, fmt.Errorf("%w: the connection was closed", errNoUpstream)
-		}
-		if failure.LocalExhaustion(err) {
-			// Out of descriptors here: not the upstream's fault, and no
-			// other upstream would do better.
-			return dialed{}, fmt.Errorf("%w: %s: %w", errNoUpstream, u.Addr(), err)
-		}
-		s.dialFailed(o, u, err)
-		errs = append(errs, fmt.Errorf("%s: %w", u.Addr(), err))
-	}
-}
-
-// dialFailed reports a failed connect to u.
-func (s *Server) dialFailed(o *Options, u *upstream.Upstream, err error) {
-	kind := failure.Classify(err)
-	o.Observer.DialFailed(u, kind)
-	s.set.Passive(u, fmt.Sprintf("connect failed (%s): %v", kind, err))
-}
-
-// tuneConn applies keepalive and TCP_USER_TIMEOUT to a TCP connection.
-func tuneConn(c net.Conn, o *Options) {
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		return
-	}
-	if o.KeepAlive > 0 {
-		_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: o.KeepAlive, Interval: o.KeepAlive / 3, Count: 3})
-	}
-	if o.UserTimeout > 0 {
-		if rc, err := tc.SyscallConn(); err == nil {
-			_ = setUserTimeout(rc, o.UserTimeout)
-		}
-	}
 }
 
 type nopObserver struct{}
@@ -1068,3 +793,18 @@ func (nopObserver) DialDuration(time.Duration)                  {}
 func (nopObserver) ConnOpened(*upstream.Upstream)               {}
 func (nopObserver) ConnClosed(*upstream.Upstream, int64, int64) {}
 func (nopObserver) DialFailed(*upstream.Upstream, failure.Kind) {}
+func (nopObserver) Refused(string)                              {}
+
+// LivenessError says why the Server is not alive (an accept loop or an
+// event loop of the data path died), or nil.
+func (s *Server) LivenessError() error {
+	if s.loopDied.Load() {
+		return errAcceptLoopDied
+	}
+	if r := s.relay.Load(); r != nil {
+		return r.Err()
+	}
+	return nil
+}
+
+var errAcceptLoopDied = errors.New("accept loop died")

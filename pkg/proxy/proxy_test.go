@@ -25,7 +25,7 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -45,7 +45,7 @@ type backend struct {
 	conns    []net.Conn
 }
 
-func startBackend(t *testing.T, network, addr string, handle func(net.Conn)) *backend {
+func startBackend(t testing.TB, network, addr string, handle func(net.Conn)) *backend {
 	t.Helper()
 	ln, err := net.Listen(network, addr)
 	if err != nil {
@@ -137,7 +137,14 @@ type harness struct {
 
 // startProxy runs a Server on a loopback listener; up lists upstreams to
 // mark healthy, others stay unknown.
-func startProxy(t *testing.T, o Options, addrs []string, up ...string) *harness {
+func startProxy(t testing.TB, o Options, addrs []string, up ...string) *harness {
+	t.Helper()
+	return startProxyWith(t, o, nil, addrs, up...)
+}
+
+// startProxyWith is startProxy with setup run on the Server before it
+// serves.
+func startProxyWith(t testing.TB, o Options, setup func(*Server), addrs []string, up ...string) *harness {
 	t.Helper()
 	set := upstream.NewSet(upstream.Options{Strategy: upstream.RoundRobin})
 	eps := make([]upstream.Endpoint, len(addrs))
@@ -154,6 +161,9 @@ func startProxy(t *testing.T, o Options, addrs []string, up ...string) *harness 
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	srv := New(o)
+	if setup != nil {
+		setup(srv)
+	}
 	ln, err := Listen(context.Background(), "127.0.0.1:0", true)
 	if err != nil {
 		t.Fatal(err)
@@ -410,25 +420,6 @@ func TestNonTLSIsNeverReplayed(t *testing.T) {
 	}
 	if other.accepted.Load() != 0 || got.Load() != 0 {
 		t.Fatalf("plain-text bytes were replayed: %d accepts, %d bytes on the other upstream", other.accepted.Load(), got.Load())
-	}
-}
-
-func TestTLSHandshakeOnly(t *testing.T) {
-	cases := []struct {
-		in   []byte
-		want bool
-	}{
-		{[]byte{22, 3, 1, 0, 2, 1, 1}, true},
-		{[]byte{22, 3}, true},
-		{[]byte{22, 3, 1, 0, 1, 9, 20, 3, 3, 0, 1, 1}, true},
-		{[]byte{22, 3, 1, 0, 1, 9, 23, 3, 3, 0, 1, 1}, false}, // 0-RTT application data
-		{[]byte("GET / HTTP/1.1\r\n"), false},
-		{[]byte{22, 9, 1}, false},
-	}
-	for _, c := range cases {
-		if got := tlsHandshakeOnly(c.in); got != c.want {
-			t.Errorf("tlsHandshakeOnly(%v) = %v, want %v", c.in, got, c.want)
-		}
 	}
 }
 

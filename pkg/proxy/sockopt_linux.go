@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/extractedprism/extractedprism/pkg/proxy/internal/sys"
 )
 
 // setUserTimeout sets TCP_USER_TIMEOUT on a raw connection.
@@ -45,7 +47,10 @@ func setReusePort(rc syscall.RawConn) error {
 // (a surged pod, a new process during an upgrade), the old instance stops
 // receiving connects at once, its accept queue empties, and closing it
 // later resets nothing. With a single socket the index is out of range and
-// the kernel falls back to its normal choice.
+// the kernel falls back to its normal choice. The program is the group's,
+// whichever socket attaches it, and it would hand a stranger that joined
+// the group everything: syncSteering attaches it only while every other
+// socket is ours, and detaches it otherwise.
 func preferNewest(rc syscall.RawConn) error {
 	prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 1}}
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
@@ -85,20 +90,32 @@ func tuneFD(fd int, ka, ut time.Duration) {
 	if fd < 0 {
 		return
 	}
-	_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	_ = sys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if ka > 0 {
 		secs := max(1, int(ka/time.Second))
-		_ = rawSetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
-		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs)
-		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, max(1, secs/3))
-		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 3)
+		_ = sys.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+		_ = sys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs)
+		_ = sys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, max(1, secs/3))
+		_ = sys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 3)
 	}
 	if ut > 0 {
-		_ = rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(ut.Milliseconds()))
+		_ = sys.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(ut.Milliseconds()))
 	}
 }
 
-func shutdownFD(fd int) error { return rawShutdown(fd, unix.SHUT_RDWR) }
+func shutdownFD(fd int) error { return sys.Shutdown(fd, unix.SHUT_RDWR) }
+
+func closeFD(fd int) error { return sys.Close(fd) }
+
+// resetFD closes a socket with SO_LINGER 0: the kernel sends a reset
+// instead of a FIN and keeps no TIME_WAIT state.
+func resetFD(fd int) error {
+	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	return sys.Close(fd)
+}
+
+// detach takes c's socket out of Go's poller (see sys.Detach).
+func detach(c any) (int, error) { return sys.Detach(c) }
 
 // listenSocket accepts on a listener's socket through a descriptor of its
 // own in Go's poller, so accepted connections come as bare descriptors.
@@ -108,7 +125,7 @@ type listenSocket struct {
 }
 
 func newListenSocket(ln net.Listener) (*listenSocket, error) {
-	nfd, err := dupSocket(ln)
+	nfd, err := sys.Dup(ln)
 	if err != nil {
 		return nil, fmt.Errorf("listener: %w", err)
 	}
@@ -151,12 +168,3 @@ func (ls *listenSocket) accept() (int, error) {
 }
 
 func (ls *listenSocket) close() error { return ls.file.Close() }
-
-// netInterfaceIndex resolves an IPv6 zone (interface name or number).
-func netInterfaceIndex(zone string) (uint32, error) {
-	ifi, err := net.InterfaceByName(zone)
-	if err != nil {
-		return 0, fmt.Errorf("zone %q: %w", zone, err)
-	}
-	return uint32(ifi.Index), nil //nolint:gosec // interface indexes are small
-}

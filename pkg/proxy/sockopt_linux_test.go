@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/extractedprism/extractedprism/pkg/proxy/relay"
 )
 
 // TestBothLegsAreTuned: the client's and the upstream's sockets of a
@@ -17,7 +19,7 @@ func TestBothLegsAreTuned(t *testing.T) {
 			h := startProxy(t, Options{Replay: replay, KeepAlive: 30 * time.Second, UserTimeout: 7 * time.Second}, []string{b.addr()}, b.addr())
 			h.dialEchoed(t, 1)
 			h.srv.mu.Lock()
-			var f *flow
+			var f *relay.Flow
 			for c := range h.srv.conns {
 				c.mu.Lock()
 				f = c.flow
@@ -27,10 +29,12 @@ func TestBothLegsAreTuned(t *testing.T) {
 			if f == nil {
 				t.Fatal("no connection in the relay")
 			}
-			f.mu.Lock()
-			defer f.mu.Unlock()
+			var fds [2]int
+			if !f.WithSockets(func(client, upstream int) bool { fds = [2]int{client, upstream}; return true }) {
+				t.Fatal("the connection ended")
+			}
 			for side, name := range []string{"client", "upstream"} {
-				fd := f.fd[side]
+				fd := fds[side]
 				for _, o := range []struct {
 					name       string
 					level, opt int

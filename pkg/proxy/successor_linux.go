@@ -1,10 +1,8 @@
 package proxy
 
 import (
-	"bufio"
 	"encoding/hex"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -12,10 +10,12 @@ import (
 
 // OtherListener reports whether a listening TCP socket other than ln
 // serves ln's address (same port; same address, or either side a wildcard)
-// in this network namespace: a successor that bound the port with
-// SO_REUSEPORT and takes new connects from the kernel. It reads
-// /proc/net/tcp and /proc/net/tcp6; on any error it reports false (no
-// successor assumed, so the draining process goes on accepting).
+// in this network namespace and is an extractedprism of ours (same UID,
+// answers the listener handshake): a successor that bound the port with
+// SO_REUSEPORT and takes new connects from the kernel. A stranger on the
+// port is no successor: the draining process goes on accepting rather
+// than leave the port to it. It reads /proc/net/tcp and /proc/net/tcp6;
+// on any error it reports false (no successor assumed).
 func OtherListener(ln net.Listener) bool {
 	addr, ok := ln.Addr().(*net.TCPAddr)
 	if !ok {
@@ -25,8 +25,12 @@ func OtherListener(ln net.Listener) bool {
 	if own == 0 {
 		return false
 	}
-	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		if otherListenerIn(f, addr, own) {
+	others, err := listenersOn(addr, own)
+	if err != nil {
+		return false
+	}
+	for _, m := range others {
+		if m.ours() {
 			return true
 		}
 	}
@@ -55,34 +59,6 @@ func socketInode(ln net.Listener) uint64 {
 
 // tcpListen is the state column of a listening socket in /proc/net/tcp.
 const tcpListen = "0A"
-
-func otherListenerIn(path string, addr *net.TCPAddr, own uint64) bool {
-	f, err := os.Open(path) //nolint:gosec // a fixed /proc path
-	if err != nil {
-		return false
-	}
-	defer func() { _ = f.Close() }()
-	sc := bufio.NewScanner(f)
-	sc.Scan() // header
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 10 || fs[3] != tcpListen {
-			continue
-		}
-		ino, err := strconv.ParseUint(fs[9], 10, 64)
-		if err != nil || ino == own || ino == 0 {
-			continue
-		}
-		ip, port, ok := parseProcAddr(fs[1])
-		if !ok || port != addr.Port {
-			continue
-		}
-		if ip.Equal(addr.IP) || ip.IsUnspecified() || addr.IP.IsUnspecified() {
-			return true
-		}
-	}
-	return false
-}
 
 // parseProcAddr parses "0100007F:1D15" (IPv4) or the 32-digit IPv6 form of
 // /proc/net/tcp*: the address is printed as 32-bit words in host order,
