@@ -18,6 +18,18 @@
 // Two failure modes imitate broken apiservers below the HTTP layer: Hang
 // accepts TCP connections and never reads from or answers them, and
 // ResetAfterAccept accepts and immediately resets them.
+//
+// Authentication imitates kube-apiserver's. A request is authenticated by a
+// client certificate verified against Options.ClientCAs (its subject's
+// common name is the user) or by an accepted bearer token (Options.Tokens,
+// SetTokens, Options.TokenFile); a request with neither is anonymous, and a
+// request with a token that is not accepted is answered 401. With
+// RequireAuth (kube-apiserver --anonymous-auth=false) every anonymous
+// request is answered 401 with kube-apiserver's Status body, health paths
+// included, except those to AllowAnonymousPaths. ForbidHealth answers 403
+// to anonymous requests of the health paths, as an RBAC without the
+// system:public-info-viewer binding does. The /control/* paths never ask
+// for credentials, so that tests can always drive the server.
 package standin
 
 import (
@@ -76,8 +88,41 @@ type Options struct {
 	// request headers, TLS handshake included, before it is closed
 	// (kube-apiserver: 32 s; default 10 s).
 	HandshakeTimeout time.Duration
+	// SendBuffer, when set, is the SO_SNDBUF of every accepted connection:
+	// what one connection may keep in flight towards its client. A test
+	// that runs many slow clients and the stand-ins on one machine sets it
+	// so that the stand-ins' socket memory, which a real apiserver keeps on
+	// its own machine, does not exhaust this one's net.ipv4.tcp_mem.
+	SendBuffer int
 	// Certificate is served instead of a freshly generated one when set.
 	Certificate *tls.Certificate
+
+	// RequireAuth refuses anonymous requests with 401, like
+	// kube-apiserver --anonymous-auth=false. By default anonymous
+	// requests are served.
+	RequireAuth bool
+	// Tokens are the accepted bearer tokens (SetTokens replaces them).
+	Tokens []string
+	// TokenFile is a file of further accepted bearer tokens in
+	// kube-apiserver's --token-auth-file format (a CSV line per token:
+	// token,user,uid,groups; a line of the token alone will do). It is read
+	// again whenever its modification time or size changes, so that tests
+	// can rotate tokens; an unreadable file at Start is an error, later
+	// the tokens of its last good read stay.
+	TokenFile string
+	// ClientCAs authenticate client certificates: a connection presenting
+	// one must verify against them (tls.VerifyClientCertIfGiven), and its
+	// requests are then authenticated as the certificate's common name.
+	ClientCAs *x509.CertPool
+	// AllowAnonymousPaths are served to anonymous requests even with
+	// RequireAuth, like the paths of kube-apiserver's
+	// AuthenticationConfiguration anonymous.conditions (exact paths, such
+	// as "/readyz").
+	AllowAnonymousPaths []string
+	// ForbidHealth answers 403 to anonymous requests of /readyz, /healthz
+	// and /livez, as kube-apiserver does when RBAC grants anonymous users
+	// nothing (no system:public-info-viewer binding).
+	ForbidHealth bool
 }
 
 // Server is a running stand-in apiserver. It owns a goroutine serving the
@@ -87,6 +132,7 @@ type Server struct {
 	name     string
 	log      *slog.Logger
 	liveOK   bool
+	sndBuf   int // SO_SNDBUF of accepted connections, 0 = the kernel's autotuning
 	ln       net.Listener
 	srv      *http.Server
 	cert     tls.Certificate
@@ -97,6 +143,7 @@ type Server struct {
 	delay    atomic.Int64 // time.Duration of slowness, 0 = fast
 	requests atomic.Int64
 	started  time.Time
+	auth     *authenticator
 
 	stopping    chan struct{} // closed to end open streams
 	streamsOnce sync.Once
@@ -146,6 +193,10 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 			return nil, fmt.Errorf("standin: parse certificate: %w", err)
 		}
 	}
+	auth, err := newAuthenticator(opts)
+	if err != nil {
+		return nil, err
+	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", opts.Addr)
 	if err != nil {
@@ -155,10 +206,12 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		name:     opts.Name,
 		log:      opts.Logger.With("standin", opts.Name, "addr", ln.Addr().String()),
 		liveOK:   opts.LiveWhileUnready,
+		sndBuf:   opts.SendBuffer,
 		ln:       ln,
 		cert:     cert,
 		leaf:     leaf,
 		started:  time.Now(),
+		auth:     auth,
 		stopping: make(chan struct{}),
 		done:     make(chan struct{}),
 		held:     make(map[net.Conn]struct{}),
@@ -175,11 +228,8 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		ReadHeaderTimeout: handshake,
 		IdleTimeout:       10 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		TLSConfig: &tls.Config{
-			Certificates: []tls.Certificate{cert},
-			MinVersion:   tls.VersionTLS12,
-		},
-		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+		TLSConfig:         tlsConfig(cert, opts.ClientCAs),
+		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
 	go func() {
 		defer close(s.done)
@@ -189,8 +239,21 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		}
 	}()
 	s.stopCtx = context.AfterFunc(ctx, func() { _ = s.Close() })
-	s.log.Info("standin listening", "ready", s.ready.Load(), "hang", opts.Hang, "reset_after_accept", opts.ResetAfterAccept)
+	s.log.Info("standin listening", "ready", s.ready.Load(), "hang", opts.Hang, "reset_after_accept", opts.ResetAfterAccept,
+		"require_auth", opts.RequireAuth, "client_cas", opts.ClientCAs != nil, "forbid_health", opts.ForbidHealth)
 	return s, nil
+}
+
+func tlsConfig(cert tls.Certificate, clientCAs *x509.CertPool) *tls.Config {
+	c := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS12,
+	}
+	if clientCAs != nil {
+		c.ClientCAs = clientCAs
+		c.ClientAuth = tls.VerifyClientCertIfGiven
+	}
+	return c
 }
 
 // Addr is the bound listen address ("127.0.0.1:34567").
@@ -227,6 +290,14 @@ func (s *Server) SetReady(ready bool) {
 
 // Ready reports whether the health paths answer 200.
 func (s *Server) Ready() bool { return s.ready.Load() }
+
+// SetTokens replaces the accepted bearer tokens of Options.Tokens (those
+// of Options.TokenFile stay accepted); requests from now on are checked
+// against them.
+func (s *Server) SetTokens(tokens []string) {
+	s.auth.setTokens(tokens)
+	s.log.Info("standin tokens changed", "count", len(tokens))
+}
 
 // SetHang switches Hang mode for connections accepted from now on.
 func (s *Server) SetHang(hang bool) { s.hang.Store(hang) }
@@ -337,6 +408,11 @@ func (l *modeListener) Accept() (net.Conn, error) {
 		case l.s.hang.Load():
 			l.s.hold(c)
 		default:
+			if n := l.s.sndBuf; n > 0 {
+				if tc, ok := c.(*net.TCPConn); ok {
+					_ = tc.SetWriteBuffer(n)
+				}
+			}
 			if d := time.Duration(l.s.delay.Load()); d > 0 {
 				return &slowConn{Conn: c, delay: d}, nil
 			}
@@ -403,7 +479,8 @@ func (s *Server) routes() http.Handler {
 		defer s.handlers.Done()
 		s.requests.Add(1)
 		w.Header().Set("X-Standin-Name", s.name)
-		if d := time.Duration(s.delay.Load()); d > 0 && !strings.HasPrefix(r.URL.Path, "/control/") {
+		control := strings.HasPrefix(r.URL.Path, "/control/")
+		if d := time.Duration(s.delay.Load()); d > 0 && !control {
 			t := time.NewTimer(d)
 			select {
 			case <-t.C:
@@ -411,6 +488,13 @@ func (s *Server) routes() http.Handler {
 				t.Stop()
 				return
 			}
+		}
+		if !control {
+			user, ok := s.auth.check(w, r)
+			if !ok {
+				return
+			}
+			r = r.WithContext(context.WithValue(r.Context(), userKey{}, user))
 		}
 		mux.ServeHTTP(w, r)
 	})
@@ -429,6 +513,9 @@ func (s *Server) health(live bool) http.HandlerFunc {
 	}
 }
 
+// userKey carries the authenticated user in a request's context.
+type userKey struct{}
+
 // RootInfo is the JSON answer to GET /.
 type RootInfo struct {
 	Kind  string `json:"kind"`
@@ -436,10 +523,15 @@ type RootInfo struct {
 	Addr  string `json:"addr"`
 	Ready bool   `json:"ready"`
 	Proto string `json:"proto"`
+	// User is who the request was authenticated as: a client
+	// certificate's common name, the user of a token file line, "token"
+	// for another accepted token, or UserAnonymous.
+	User string `json:"user"`
 }
 
 func (s *Server) root(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, RootInfo{Kind: "Standin", Name: s.name, Addr: s.Addr(), Ready: s.ready.Load(), Proto: r.Proto})
+	user, _ := r.Context().Value(userKey{}).(string)
+	writeJSON(w, RootInfo{Kind: "Standin", Name: s.name, Addr: s.Addr(), Ready: s.ready.Load(), Proto: r.Proto, User: user})
 }
 
 // VersionInfo mirrors the JSON kube-apiserver answers on /version.
@@ -464,7 +556,9 @@ func (s *Server) version(w http.ResponseWriter, _ *http.Request) {
 	})
 }
 
-func writeJSON(w http.ResponseWriter, v any) {
+func writeJSON(w http.ResponseWriter, v any) { writeJSONStatus(w, http.StatusOK, v) }
+
+func writeJSONStatus(w http.ResponseWriter, code int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
@@ -472,6 +566,7 @@ func writeJSON(w http.ResponseWriter, v any) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)+1))
+	w.WriteHeader(code)
 	_, _ = w.Write(append(b, '\n'))
 }
 

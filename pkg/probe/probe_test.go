@@ -23,6 +23,7 @@ type result struct {
 	addr string
 	ok   bool
 	err  error
+	r    Result
 }
 
 // recorder is a Reporter that keeps every result.
@@ -31,10 +32,10 @@ type recorder struct {
 	res []result
 }
 
-func (r *recorder) Report(addr string, ok bool, _ time.Duration, err error) {
+func (r *recorder) Report(addr string, res Result) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.res = append(r.res, result{addr, ok, err})
+	r.res = append(r.res, result{addr, res.OK(), res.Err, res})
 }
 
 func (r *recorder) results(addr string) []result {
@@ -227,82 +228,5 @@ func TestJitterStaysInBounds(t *testing.T) {
 		if d < 800*time.Millisecond || d > 1200*time.Millisecond {
 			t.Fatalf("jittered interval %s outside [0.8s, 1.2s]", d)
 		}
-	}
-}
-
-// TestHeardSkipsProbesOfBusyTargets: while traffic from a healthy target
-// is recent, due probes are skipped, but never more than MaxSkipped in a
-// row, never before the first success, never after a failure, and never a
-// ProbeNow.
-func TestHeardSkipsProbesOfBusyTargets(t *testing.T) {
-	var hits atomic.Int32
-	var healthy atomic.Bool
-	healthy.Store(true)
-	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		hits.Add(1)
-		if !healthy.Load() {
-			w.WriteHeader(http.StatusInternalServerError)
-		}
-	}))
-	defer srv.Close()
-	addr := strings.TrimPrefix(srv.URL, "https://")
-	var busy atomic.Bool
-	busy.Store(true)
-	var asked atomic.Int32
-	var window atomic.Int64
-	rec := &recorder{}
-	p := run(t, Options{
-		Interval: 20 * time.Millisecond, Timeout: time.Second, Jitter: 0.25, Reporter: rec,
-		Heard: func(a string, within time.Duration) bool {
-			if a == addr {
-				asked.Add(1)
-				window.Store(int64(within))
-			}
-			return busy.Load()
-		},
-	}, addr)
-
-	// Busy: after the first probe (never skipped), one round in
-	// MaxSkipped+1 probes.
-	waitFor(t, "the first probe", 5*time.Second, func() bool { return len(rec.results(addr)) >= 1 })
-	waitFor(t, "40 rounds", 10*time.Second, func() bool { return asked.Load() >= 40 })
-	probes, rounds := len(rec.results(addr)), int(asked.Load())
-	if want := rounds / (MaxSkipped + 1); probes < want-1 || probes > want+3 {
-		t.Errorf("busy target: %d probes in %d asked rounds, want about %d (one in %d)", probes, rounds, want, MaxSkipped+1)
-	}
-	if got, want := time.Duration(window.Load()), 15*time.Millisecond; got != want {
-		t.Errorf("Heard asked about the last %s, want Interval×(1−Jitter) = %s", got, want)
-	}
-
-	// ProbeNow is never skipped.
-	before := hits.Load()
-	p.ProbeNow(addr)
-	waitFor(t, "the asked-for probe", 5*time.Second, func() bool { return hits.Load() > before })
-
-	// A failed probe: every round probes until one succeeds again.
-	healthy.Store(false)
-	waitFor(t, "a failed probe", 5*time.Second, func() bool {
-		r := rec.results(addr)
-		return !r[len(r)-1].ok
-	})
-	n := len(rec.results(addr))
-	waitFor(t, "three more probes", 5*time.Second, func() bool { return len(rec.results(addr)) >= n+3 })
-	for _, r := range rec.results(addr)[n:] {
-		if r.ok {
-			t.Fatal("a probe succeeded while the target answered 500")
-		}
-	}
-
-	// Idle: every round probes.
-	healthy.Store(true)
-	busy.Store(false)
-	waitFor(t, "a success", 5*time.Second, func() bool {
-		r := rec.results(addr)
-		return r[len(r)-1].ok
-	})
-	before, askedBefore := hits.Load(), asked.Load()
-	waitFor(t, "10 idle rounds", 10*time.Second, func() bool { return hits.Load() >= before+10 })
-	if extra := asked.Load() - askedBefore; extra > hits.Load()-before+1 {
-		t.Errorf("idle target: %d rounds asked Heard but only %d probes ran", extra, hits.Load()-before)
 	}
 }

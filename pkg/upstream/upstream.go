@@ -132,6 +132,10 @@ type Upstream struct {
 	// failStreak); passiveReason says what it was.
 	suspect       bool
 	passiveReason string
+	// note: why the last probe's answer said nothing about readiness
+	// ("readiness unknown: 401 Unauthorized"), "" when it did.
+	note   string
+	shared bool // the last probe's readiness came from the shared verdict
 }
 
 // Addr returns the upstream's host:port.
@@ -175,9 +179,16 @@ type Status struct {
 	LastLatency time.Duration
 	LastError   string
 	Suspect     bool
-	Active      int64
-	Total       uint64
-	Failures    uint64
+	// ReadinessUnknown says why the upstream is routed to on liveness
+	// alone ("readiness unknown: 401 Unauthorized"); "" when its
+	// readiness is known.
+	ReadinessUnknown string
+	// ReadinessShared: the last probe's readiness came from the cluster's
+	// shared verdict.
+	ReadinessShared bool
+	Active          int64
+	Total           uint64
+	Failures        uint64
 }
 
 // Options configure a Set. The zero value of each field has a documented
@@ -407,9 +418,29 @@ func (s *Set) choose(exclude func(*Upstream) bool, upOnly bool) *Upstream {
 	return nil
 }
 
+// ProbeReport is one probe round as the set needs it.
+type ProbeReport struct {
+	// OK: alive and not explicitly unready.
+	OK      bool
+	Latency time.Duration // 0: the round made no I/O (the last latency stays)
+	Err     error         // why not OK
+	// Note says why readiness is unknown although the upstream answered
+	// ("readiness unknown: 401 Unauthorized"); "" when it is known.
+	Note string
+	// Shared: readiness came from the cluster's shared verdict.
+	Shared bool
+}
+
 // Report records an active probe result for addr; it is ignored if addr is
 // not in the set. err is nil on success.
 func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
+	s.ReportProbe(addr, ProbeReport{OK: ok, Latency: latency, Err: err})
+}
+
+// ReportProbe records a probe round for addr; it is ignored if addr is
+// not in the set.
+func (s *Set) ReportProbe(addr string, r ProbeReport) {
+	ok, latency, err := r.OK, r.Latency, r.Err
 	s.notifyMu.Lock()
 	defer s.notifyMu.Unlock()
 	s.mu.Lock()
@@ -425,7 +456,11 @@ func (s *Set) Report(addr string, ok bool, latency time.Duration, err error) {
 		return
 	}
 	now := s.opts.Now()
-	u.lastProbe, u.lastProbeOK, u.lastLatency = now, ok, latency
+	u.lastProbe, u.lastProbeOK = now, ok
+	if latency > 0 {
+		u.lastLatency = latency
+	}
+	u.note, u.shared = r.Note, r.Shared
 	confirmed, passive := u.suspect, u.passiveReason
 	u.suspect, u.passiveReason = false, ""
 	var tr *Transition
@@ -582,7 +617,7 @@ func (s *Set) Snapshot() []Status {
 		out[i] = Status{
 			Address: u.addr, Source: u.source, State: u.state, Since: u.since, Reason: u.reason,
 			LastProbe: u.lastProbe, LastProbeOK: u.lastProbeOK, LastLatency: u.lastLatency,
-			LastError: u.lastErr, Suspect: u.suspect, Active: u.active.Load(), Total: u.total.Load(), Failures: u.failures.Load(),
+			LastError: u.lastErr, Suspect: u.suspect, ReadinessUnknown: u.note, ReadinessShared: u.shared, Active: u.active.Load(), Total: u.total.Load(), Failures: u.failures.Load(),
 		}
 	}
 	return out
