@@ -2,7 +2,8 @@
 // Kubernetes API server: local clients use https://127.0.0.1:7445 and the
 // raw TCP stream goes to a healthy kube-apiserver.
 //
-// Subcommands: run (the default), validate, reload, status, version.
+// Subcommands: run (the default), validate, reload, status, version, and
+// readiness-publisher (see publisher.go).
 //
 // Exit status: 0 on success, 1 on an error (an invalid configuration, a
 // failed start), 2 on bad usage, and ExitNotConfigured (78) when run finds
@@ -18,9 +19,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -29,6 +32,7 @@ import (
 
 	"github.com/extractedprism/extractedprism/pkg/config"
 	"github.com/extractedprism/extractedprism/pkg/daemon"
+	"github.com/extractedprism/extractedprism/pkg/memlimit"
 	"github.com/extractedprism/extractedprism/pkg/status"
 	"github.com/extractedprism/extractedprism/pkg/systemd"
 	"github.com/extractedprism/extractedprism/pkg/version"
@@ -52,6 +56,9 @@ Usage:
   extractedprism status [--address A] [-o|--output table|json]
                                           show the upstreams of a running instance
   extractedprism version                  print version, commit and Go version
+  extractedprism readiness-publisher [flags]
+                                          probe the apiservers' /readyz once for the
+                                          cluster and publish it to the nodes
 
 Run "extractedprism run --help" for the flags.
 `
@@ -70,6 +77,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return reloadCmd(args, stdout, stderr)
 	case "status":
 		return statusCmd(args, stdout, stderr)
+	case "readiness-publisher":
+		return publisherCmd(args, stderr)
 	case "version":
 		_, _ = fmt.Fprintf(stdout, "extractedprism %s (commit %s, %s)\n", version.Version, version.Commit, version.GoVersion())
 		return 0
@@ -214,6 +223,7 @@ func runDaemon(args []string, stderr io.Writer) int {
 		logger.Warn("seed system setting accepted but has no effect; remove it",
 			"setting", s.Source, "value", s.Value, "instead", s.Instead)
 	}
+	mem := applyMemoryLimit(logger)
 	activated, err := systemd.ActivatedListeners()
 	if err != nil {
 		logger.Warn("ignoring socket activation", "err", err)
@@ -236,7 +246,7 @@ func runDaemon(args []string, stderr io.Writer) int {
 
 	err = daemon.Run(ctx, daemon.Options{
 		Config: cfg, ConfigPath: path, Flags: fs, Environ: os.Environ(), Reload: reload,
-		Logger: logger, Level: level, Activated: activated,
+		Logger: logger, Level: level, Activated: activated, MemoryLimit: mem.Limit.Bytes,
 	})
 	if err != nil {
 		logger.Error("extractedprism failed", "err", err)
@@ -244,6 +254,35 @@ func runDaemon(args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// applyMemoryLimit tells the Go runtime about the cgroup memory limit
+// (unless GOMEMLIMIT is set) and logs, in one line, the limits the runtime
+// works under. GOMAXPROCS needs nothing of ours: since Go 1.25 the runtime
+// derives its default from the cgroup CPU limit and follows changes of it.
+func applyMemoryLimit(logger *slog.Logger) memlimit.Result {
+	r := memlimit.Apply(memlimit.Options{})
+	var limit, source, gomemlimit any = "none", "none", "none"
+	if r.Limit.Bytes > 0 {
+		limit, source = r.Limit.Bytes, r.Limit.Source
+	}
+	if r.GoLimit != math.MaxInt64 {
+		gomemlimit = r.GoLimit
+	}
+	from := "none"
+	switch {
+	case r.FromEnv:
+		from = "GOMEMLIMIT"
+	case r.Set:
+		from = "memory_limit minus margin"
+	}
+	args := []any{"memory_limit", limit, "source", source, "gomemlimit", gomemlimit, "gomemlimit_from", from,
+		"gomaxprocs", runtime.GOMAXPROCS(0)}
+	logger.Info("runtime limits", args...)
+	if r.Err != nil {
+		logger.Debug("no memory limit found", "err", r.Err)
+	}
+	return r
 }
 
 func statusCmd(args []string, stdout, stderr io.Writer) int {

@@ -35,13 +35,17 @@ type Listen struct {
 	Address string `koanf:"address"`
 	// Port is the TCP port to bind (1-65535).
 	Port int `koanf:"port"`
-	// ReusePort sets SO_REUSEPORT so a new instance can bind while the old one drains.
+	// ReusePort sets SO_REUSEPORT on both ports, so a new instance can
+	// bind while the old one drains (a surge handover). Any process of the
+	// same UID can then bind them too; off, the ports are this process's
+	// alone.
 	ReusePort bool `koanf:"reuse_port"`
 }
 
 // Admin is the HTTP server for /healthz, /readyz, /status and /metrics.
 type Admin struct {
-	// Address to bind; "" means Listen.Address (see Config.AdminAddr).
+	// Address to bind; "" means DefaultAdminHost, whatever Listen.Address
+	// is (see Config.AdminAddr).
 	Address string `koanf:"address"`
 	// Port to bind (1-65535).
 	Port int `koanf:"port"`
@@ -63,10 +67,29 @@ type Probe struct {
 	Fall int `koanf:"fall"`
 	// Jitter is the fraction (0 to 0.5) of Interval added or removed at random.
 	Jitter float64 `koanf:"jitter"`
-	// CAFile is a PEM CA bundle to verify the apiserver ("" = do not verify).
+	// CAFile is a PEM CA bundle to verify the apiserver ("" = the service-account CA if present, else do not verify; "none" = do not verify).
 	CAFile string `koanf:"ca_file"`
 	// ServerName is the TLS server name sent by probes ("" = the upstream host).
 	ServerName string `koanf:"server_name"`
+	// BearerTokenFile holds a token sent with readiness checks, re-read when it changes ("" = none; sent only to a verified apiserver).
+	BearerTokenFile string `koanf:"bearer_token_file"`
+	// ClientCertFile is a PEM client certificate presented by probes, re-read when it changes ("" = none).
+	ClientCertFile string `koanf:"client_cert_file"`
+	// ClientKeyFile is the PEM key of client_cert_file ("" = none; may be the same file).
+	ClientKeyFile string `koanf:"client_key_file"`
+	// SharedReadiness reads the cluster's shared readiness verdicts instead of checking readiness from every node.
+	SharedReadiness SharedReadiness `koanf:"shared_readiness"`
+}
+
+// SharedReadiness names the ConfigMap into which one elected publisher
+// writes every apiserver's /readyz answers for the whole cluster.
+type SharedReadiness struct {
+	// Namespace of the verdict ConfigMap ("" = off: every node checks readiness itself).
+	Namespace string `koanf:"namespace"`
+	// Name of the verdict ConfigMap.
+	Name string `koanf:"name"`
+	// StaleAfter is how long without an update the verdicts stay trusted; then the node checks readiness itself.
+	StaleAfter time.Duration `koanf:"stale_after"`
 }
 
 // Balance selects how an upstream is chosen for a new connection.
@@ -95,6 +118,11 @@ type Proxy struct {
 	FirstByteTimeout time.Duration `koanf:"first_byte_timeout"`
 	// ReplayBufferBytes is the size of the kept client handshake (1 KiB to 1 MiB).
 	ReplayBufferBytes int `koanf:"replay_buffer_bytes"`
+	// MaxConnections caps the client connections proxied at once, over all
+	// upstreams; one more is accepted and reset at once (0 = derived from
+	// the memory limit and the descriptor limit by the daemon, see
+	// docs/configuration.md "Connection limit").
+	MaxConnections int `koanf:"max_connections"`
 	// Rebalance spreads connections again after an upstream recovers.
 	Rebalance Rebalance `koanf:"rebalance"`
 }
@@ -135,6 +163,8 @@ type Discovery struct {
 	Debounce time.Duration `koanf:"debounce"`
 	// StateFile is the last-known-good list of discovered endpoints ("" = none).
 	StateFile string `koanf:"state_file"`
+	// MaxEndpoints caps the discovered and state-file endpoints in use.
+	MaxEndpoints int `koanf:"max_endpoints"`
 }
 
 // Log configures the daemon's logger.
@@ -150,6 +180,9 @@ type Log struct {
 const (
 	ProbeModeHTTPS = "https"
 	ProbeModeTCP   = "tcp"
+	// ProbeCANone as probe.ca_file: do not verify, even where the
+	// service-account CA exists.
+	ProbeCANone = "none"
 
 	StrategyLeastConnections = "least-connections"
 	StrategyRoundRobin       = "round-robin"
@@ -181,7 +214,7 @@ func canonicalLogLevel(level string) string {
 // configs/extractedprism.yaml (a test keeps them in step).
 func Defaults() Config {
 	return Config{
-		Listen:    Listen{Address: "127.0.0.1", Port: 7445, ReusePort: true},
+		Listen:    Listen{Address: "127.0.0.1", Port: 7445, ReusePort: false},
 		Admin:     Admin{Address: "", Port: 7446},
 		Endpoints: []string{},
 		Probe: Probe{
@@ -192,6 +225,10 @@ func Defaults() Config {
 			Rise:     2,
 			Fall:     2,
 			Jitter:   0.2,
+			SharedReadiness: SharedReadiness{
+				Name:       "extractedprism-readiness",
+				StaleAfter: 30 * time.Second,
+			},
 		},
 		Balance: Balance{Strategy: StrategyLeastConnections},
 		Proxy: Proxy{
@@ -204,6 +241,7 @@ func Defaults() Config {
 			Replay:            true,
 			FirstByteTimeout:  5 * time.Second,
 			ReplayBufferBytes: 16384,
+			MaxConnections:    0,
 			Rebalance: Rebalance{
 				Enabled:              false,
 				Tolerance:            0.2,
@@ -221,6 +259,7 @@ func Defaults() Config {
 			StaticRestoreAfter: 5 * time.Minute,
 			Debounce:           time.Second,
 			StateFile:          "/var/lib/extractedprism/endpoints.json",
+			MaxEndpoints:       32,
 		},
 		Log: Log{Level: "info", Format: LogFormatText},
 	}
@@ -231,14 +270,23 @@ func (c Config) ListenAddr() string {
 	return net.JoinHostPort(c.Listen.Address, strconv.Itoa(c.Listen.Port))
 }
 
-// AdminAddr is the host:port of the admin server; an empty admin.address
-// means the listen address.
-func (c Config) AdminAddr() string {
-	host := c.Admin.Address
-	if host == "" {
-		host = c.Listen.Address
+// DefaultAdminHost is the admin server's address when admin.address is
+// empty: loopback, whatever the listen address, so that binding the
+// listener to every address does not open the admin port to the network.
+const DefaultAdminHost = "127.0.0.1"
+
+// AdminHost is the host the admin server binds: admin.address, or
+// DefaultAdminHost when it is empty.
+func (c Config) AdminHost() string {
+	if c.Admin.Address != "" {
+		return c.Admin.Address
 	}
-	return net.JoinHostPort(host, strconv.Itoa(c.Admin.Port))
+	return DefaultAdminHost
+}
+
+// AdminAddr is the host:port of the admin server (see AdminHost).
+func (c Config) AdminAddr() string {
+	return net.JoinHostPort(c.AdminHost(), strconv.Itoa(c.Admin.Port))
 }
 
 // Summary describes the configuration in one line, for `validate` and logs.

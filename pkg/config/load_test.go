@@ -100,6 +100,7 @@ func TestLoadEveryFlagAndEnv(t *testing.T) {
 		"--state-file=/tmp/state.json",
 		"--dial-timeout=500ms",
 		"--drain-timeout=0s",
+		"--max-connections=5000",
 		"--log-level=warn",
 		"--log-format=json",
 	}
@@ -117,6 +118,7 @@ func TestLoadEveryFlagAndEnv(t *testing.T) {
 	want.Discovery.StateFile = "/tmp/state.json"
 	want.Proxy.DialTimeout = 500 * time.Millisecond
 	want.Proxy.DrainTimeout = 0
+	want.Proxy.MaxConnections = 5000
 	want.Log.Level = "warn"
 	want.Log.Format = "json"
 
@@ -400,7 +402,7 @@ func TestRegisterFlagsHelp(t *testing.T) {
 		"--endpoints strings", "[env EP_ENDPOINTS]",
 		"--bind-address string", `(default "127.0.0.1")`,
 		"--bind-port int", "(default 7445)",
-		"--health-bind-address string", "(default: --bind-address)",
+		"--health-bind-address string", "(default: 127.0.0.1, whatever --bind-address is)",
 		"--health-port int", "(default 7446)",
 		"--health-interval duration", "(default 2s)",
 		"--health-timeout duration",
@@ -410,6 +412,7 @@ func TestRegisterFlagsHelp(t *testing.T) {
 		"--log-format string", `(default "text")`,
 		"--drain-timeout duration", "(default 30s)",
 		"--dial-timeout duration", "(default 1s)",
+		"--max-connections int", "[env EP_MAX_CONNECTIONS]",
 		"--probe-mode string", `(default "https")`,
 		"--state-file string", `(default "/var/lib/extractedprism/endpoints.json")`,
 	} {

@@ -17,8 +17,15 @@ import (
 const (
 	MinReplayBufferBytes = 1 << 10 // 1 KiB
 	MaxReplayBufferBytes = 1 << 20 // 1 MiB
-	MaxJitter            = 0.5
-	MaxTolerance         = 1.0
+	// MaxMaxConnections bounds proxy.max_connections: each connection
+	// takes two descriptors, and Linux allows at most 1048576 per process
+	// by default (fs.nr_open).
+	MaxMaxConnections = 1 << 20
+	MaxJitter         = 0.5
+	MaxTolerance      = 1.0
+	// MaxDiscoveredEndpoints bounds discovery.max_endpoints: every
+	// endpoint is probed, so the cap bounds the probe load too.
+	MaxDiscoveredEndpoints = 1024
 )
 
 // Validate checks every rule and returns all problems as an errors.Join
@@ -38,11 +45,7 @@ func (c Config) Validate() error {
 	checkPort(&l, "listen.port", c.Listen.Port)
 	checkHost(&l, "admin.address", c.Admin.Address, true)
 	checkPort(&l, "admin.port", c.Admin.Port)
-	adminHost := c.Admin.Address
-	if adminHost == "" {
-		adminHost = c.Listen.Address
-	}
-	if c.Admin.Port == c.Listen.Port && hostsOverlap(adminHost, c.Listen.Address) {
+	if c.Admin.Port == c.Listen.Port && hostsOverlap(c.AdminHost(), c.Listen.Address) {
 		l.addRelated([]string{"listen.port", "listen.address", "admin.address"}, "admin.port", c.Admin.Port,
 			"admin address %s clashes with listen address %s; use another admin.port or admin.address",
 			c.AdminAddr(), c.ListenAddr())
@@ -96,9 +99,10 @@ func (c Config) Validate() error {
 	if !(c.Probe.Jitter >= 0 && c.Probe.Jitter <= MaxJitter) {
 		l.add("probe.jitter", c.Probe.Jitter, "%v: must be between 0 and %v", c.Probe.Jitter, MaxJitter)
 	}
-	if c.Probe.CAFile != "" {
+	if c.Probe.CAFile != "" && c.Probe.CAFile != ProbeCANone {
 		checkCAFile(&l, "probe.ca_file", c.Probe.CAFile)
 	}
+	checkCredentials(&l, c.Probe)
 	checkHost(&l, "probe.server_name", c.Probe.ServerName, true)
 
 	// balance
@@ -114,6 +118,9 @@ func (c Config) Validate() error {
 	if n := c.Proxy.ReplayBufferBytes; n < MinReplayBufferBytes || n > MaxReplayBufferBytes {
 		l.add("proxy.replay_buffer_bytes", n, "%d: must be between %d (1 KiB) and %d (1 MiB)",
 			n, MinReplayBufferBytes, MaxReplayBufferBytes)
+	}
+	if n := c.Proxy.MaxConnections; n < 0 || n > MaxMaxConnections {
+		l.add("proxy.max_connections", n, "%d: must be between 0 (derived from the memory limit) and %d", n, MaxMaxConnections)
 	}
 	rb := c.Proxy.Rebalance
 	if !(rb.Tolerance > 0 && rb.Tolerance <= MaxTolerance) {
@@ -133,6 +140,9 @@ func (c Config) Validate() error {
 	checkEnum(&l, "discovery.static", c.Discovery.Static, StaticAlways, StaticBootstrapOnly)
 	checkPositive(&l, "discovery.static_restore_after", c.Discovery.StaticRestoreAfter)
 	checkNotNegative(&l, "discovery.debounce", c.Discovery.Debounce)
+	if n := c.Discovery.MaxEndpoints; n < 1 || n > MaxDiscoveredEndpoints {
+		l.add("discovery.max_endpoints", n, "%d: must be between 1 and %d", n, MaxDiscoveredEndpoints)
+	}
 
 	// log
 	checkEnum(&l, "log.level", c.Log.Level, LogLevels...)
@@ -357,4 +367,24 @@ func readSmallFile(name string) ([]byte, error) {
 		return nil, fmt.Errorf("larger than %d MiB", maxCAFileBytes>>20)
 	}
 	return data, nil
+}
+
+// checkCredentials checks the probe's credential settings. The files are
+// not read here: a credential that is missing or being rotated must not
+// keep the node's API path from starting, so the prober reads them at
+// every use, probes without them while they are unusable, and says so.
+func checkCredentials(l *errorList, p Probe) {
+	switch {
+	case p.ClientCertFile == "" && p.ClientKeyFile == "":
+	case p.ClientCertFile == "":
+		l.add("probe.client_cert_file", p.ClientCertFile, "empty while probe.client_key_file is %q: give both", p.ClientKeyFile)
+	case p.ClientKeyFile == "":
+		l.add("probe.client_key_file", p.ClientKeyFile, "empty while probe.client_cert_file is %q: give both", p.ClientCertFile)
+	}
+	sr := p.SharedReadiness
+	if sr.Namespace != "" {
+		checkDNSLabel(l, "probe.shared_readiness.namespace", sr.Namespace)
+		checkDNSLabel(l, "probe.shared_readiness.name", sr.Name)
+		checkPositive(l, "probe.shared_readiness.stale_after", sr.StaleAfter)
+	}
 }

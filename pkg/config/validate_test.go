@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math"
 	"math/big"
 	"os"
@@ -145,6 +146,20 @@ func TestValidateRules(t *testing.T) {
 		{"probe jitter NaN", func(c *Config) { c.Probe.Jitter = math.NaN() }, "probe.jitter: NaN: must be between 0 and 0.5"},
 		{"probe jitter 0", func(c *Config) { c.Probe.Jitter = 0 }, ""},
 		{"probe jitter 0.5", func(c *Config) { c.Probe.Jitter = 0.5 }, ""},
+		{"probe client cert without key", func(c *Config) { c.Probe.ClientCertFile = "/pki/client.pem" },
+			`probe.client_key_file: empty while probe.client_cert_file is "/pki/client.pem": give both`},
+		{"probe client key without cert", func(c *Config) { c.Probe.ClientKeyFile = "/pki/client.key" },
+			`probe.client_cert_file: empty while probe.client_key_file is "/pki/client.key": give both`},
+		{"probe token file missing is not fatal", func(c *Config) { c.Probe.BearerTokenFile = "/nonexistent/token" }, ""},
+		{"probe ca none", func(c *Config) { c.Probe.CAFile = ProbeCANone }, ""},
+		{"shared readiness bad name", func(c *Config) {
+			c.Probe.SharedReadiness.Namespace = "kube-system"
+			c.Probe.SharedReadiness.Name = "Readiness_Map"
+		}, `probe.shared_readiness.name: "Readiness_Map": must be a lowercase DNS label`},
+		{"shared readiness stale_after zero", func(c *Config) {
+			c.Probe.SharedReadiness.Namespace = "kube-system"
+			c.Probe.SharedReadiness.StaleAfter = 0
+		}, "probe.shared_readiness.stale_after: "},
 		{"probe ca missing", func(c *Config) { c.Probe.CAFile = filepath.Join(dir, "missing.pem") }, `probe.ca_file: "` + filepath.Join(dir, "missing.pem") + `": cannot read: open `},
 		{"probe ca not pem", func(c *Config) { c.Probe.CAFile = notPEM }, `probe.ca_file: "` + notPEM + `": holds no PEM certificate`},
 		{"probe ca ok", func(c *Config) { c.Probe.CAFile = ca }, ""},
@@ -170,6 +185,13 @@ func TestValidateRules(t *testing.T) {
 		{"replay buffer too large", func(c *Config) { c.Proxy.ReplayBufferBytes = 1<<20 + 1 }, "proxy.replay_buffer_bytes: 1048577: must be between 1024"},
 		{"replay buffer bounds", func(c *Config) { c.Proxy.ReplayBufferBytes = 1024 }, ""},
 		{"replay buffer upper bound", func(c *Config) { c.Proxy.ReplayBufferBytes = 1 << 20 }, ""},
+		{"max connections 0 is derived", func(c *Config) { c.Proxy.MaxConnections = 0 }, ""},
+		{"max connections small", func(c *Config) { c.Proxy.MaxConnections = 1 }, ""},
+		{"max connections upper bound", func(c *Config) { c.Proxy.MaxConnections = 1 << 20 }, ""},
+		{"max connections negative", func(c *Config) { c.Proxy.MaxConnections = -5 },
+			"proxy.max_connections: -5: must be between 0 (derived from the memory limit) and 1048576"},
+		{"max connections too large", func(c *Config) { c.Proxy.MaxConnections = 1<<20 + 1 },
+			"proxy.max_connections: 1048577: must be between 0"},
 		{"rebalance tolerance 0", func(c *Config) { c.Proxy.Rebalance.Tolerance = 0 }, "proxy.rebalance.tolerance: 0: must be above 0 and at most 1"},
 		{"rebalance tolerance 1.5", func(c *Config) { c.Proxy.Rebalance.Tolerance = 1.5 }, "proxy.rebalance.tolerance: 1.5: must be above 0 and at most 1"},
 		{"rebalance min age 0", func(c *Config) { c.Proxy.Rebalance.MinAge = 0 }, ""},
@@ -269,5 +291,30 @@ func TestAddrsAndSummary(t *testing.T) {
 	want = "1 endpoint, listen [::1]:7445, admin 0.0.0.0:7446, probe tcp every 2s, balance least-connections, discovery on (default/kubernetes, static always)"
 	if got := c.Summary(); got != want {
 		t.Errorf("Summary =\n  %s\nwant\n  %s", got, want)
+	}
+}
+
+func TestMaxEndpointsBounds(t *testing.T) {
+	for _, n := range []int{0, -1, 1025} {
+		c := Defaults()
+		c.Endpoints = []string{"10.0.0.1:6443"}
+		c.Discovery.MaxEndpoints = n
+		err := c.Validate()
+		want := fmt.Sprintf("discovery.max_endpoints: %d: must be between 1 and 1024", n)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("max_endpoints %d: error %v, want one containing %q", n, err, want)
+		}
+	}
+}
+
+func TestAdminAddressDefaultsToLoopback(t *testing.T) {
+	c := Defaults()
+	c.Listen.Address = "0.0.0.0"
+	if got := c.AdminAddr(); got != "127.0.0.1:7446" {
+		t.Fatalf("admin address with listen.address 0.0.0.0 = %s, want 127.0.0.1:7446", got)
+	}
+	c.Admin.Address = "::"
+	if got := c.AdminAddr(); got != "[::]:7446" {
+		t.Fatalf("explicit admin.address :: = %s, want [::]:7446", got)
 	}
 }

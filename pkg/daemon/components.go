@@ -62,6 +62,14 @@ func (pr *prober) probeNow(addr string) {
 	pr.p.ProbeNow(addr)
 }
 
+// reassess asks the running prober to apply the shared readiness
+// verdicts at once.
+func (pr *prober) reassess() {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	pr.p.Reassess()
+}
+
 func (pr *prober) setTargets(addrs []string) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
@@ -92,6 +100,7 @@ func (o observer) ClosedOnDown(n int)           { o.m.ClosedOnDown(n) }
 func (o observer) DrainCut(n int)               { o.m.DrainCut(n) }
 func (o observer) Rebalanced()                  { o.m.Rebalanced() }
 func (o observer) DialDuration(d time.Duration) { o.m.DialDuration(d) }
+func (o observer) Refused(reason string)        { o.m.Refused(reason) }
 
 func (o observer) ConnOpened(u *upstream.Upstream) {
 	if m := upstreamMetrics(u); m != nil {

@@ -9,15 +9,13 @@ package daemon
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +65,13 @@ type Options struct {
 	Activated []net.Listener
 	// Notifier talks to systemd (default: systemd.NewNotifier).
 	Notifier *systemd.Notifier
+	// MemoryLimit is the process's cgroup memory limit in bytes (0 =
+	// none), as found at process start (package memlimit); it sizes the
+	// default proxy.max_connections.
+	MemoryLimit int64
+	// FileLimit is RLIMIT_NOFILE (default: read it); no default
+	// proxy.max_connections needs more descriptors than it allows.
+	FileLimit uint64
 }
 
 // daemon is the running state. Fields set once in Run are not guarded;
@@ -77,6 +82,7 @@ type daemon struct {
 	set     *upstream.Set
 	proxy   *proxy.Server
 	policy  *health.Policy
+	guard   *proxy.Guard
 	met     *metrics.Metrics
 	disc    atomic.Pointer[discovery.Manager]
 	notify  *systemd.Notifier
@@ -92,15 +98,21 @@ type daemon struct {
 	reloadOK  bool
 	reloadErr string
 
-	prober      *prober
-	discRunner  *runner
-	shutting    atomic.Bool
-	statusLine  atomic.Pointer[string] // last STATUS= sent to systemd
-	firstList   chan struct{}          // closed at the first endpoint list
-	firstOnce   sync.Once
-	lastProbeAt atomic.Int64
-	group       *errgroup.Group
-	groupCtx    context.Context
+	prober     *prober
+	discRunner *runner
+	// sharedRunner runs the shared readiness watcher (nil without one).
+	sharedRunner *runner
+	shutting     atomic.Bool
+	statusLine   atomic.Pointer[string] // last STATUS= sent to systemd
+	firstList    chan struct{}          // closed at the first endpoint list
+	firstOnce    sync.Once
+	lastProbeAt  atomic.Int64
+	// unknownWarned holds the upstreams whose "readiness unknown" was
+	// logged; shared is the shared readiness watcher, if configured.
+	unknownWarned sync.Map
+	shared        atomic.Pointer[verdictsBox]
+	group         *errgroup.Group
+	groupCtx      context.Context
 }
 
 // Run runs the daemon until ctx is done, then drains and returns nil; it
@@ -117,6 +129,9 @@ func Run(ctx context.Context, o Options) error {
 	}
 	if o.Registry == nil {
 		o.Registry = prometheus.NewRegistry()
+	}
+	if o.FileLimit == 0 {
+		o.FileLimit = fileLimit()
 	}
 	d := &daemon{o: o, log: o.Logger, cfg: o.Config, notify: o.Notifier, started: time.Now(), reloadOK: true,
 		firstList: make(chan struct{})}
@@ -154,6 +169,7 @@ func Run(ctx context.Context, o Options) error {
 		},
 	})
 	d.proxy = proxy.New(d.proxyOptions(cfg))
+	d.logConnLimit(d.connLimitFor(cfg.Proxy.MaxConnections), "connection limit")
 	d.policy = health.New(d.policyOptions(cfg))
 
 	// Bind before anything runs, so a clash is a clear start-up error.
@@ -179,6 +195,14 @@ func Run(ctx context.Context, o Options) error {
 		}
 	}
 	d.listenLn, d.adminLn = ln, adminLn
+	// With reuse-port, other sockets of our UID can join the ports: the
+	// guard checks that they are ours before steering connections to
+	// them, and reports any that is not.
+	d.guard = proxy.NewGuard(proxy.GuardOptions{
+		Listeners: d.listeners,
+		OnChange:  d.met.ListenerStrangers,
+		Logger:    d.log.With("component", "listeners"),
+	})
 
 	runCtx, cancelRun := context.WithCancel(context.Background())
 	defer cancelRun()
@@ -218,6 +242,7 @@ func Run(ctx context.Context, o Options) error {
 		_ = g.Wait()
 		return err
 	}
+	d.startShared(cfg)
 	if o.ConfigPath != "" || o.Reload != nil {
 		w := config.NewWatcher(config.WatchOptions{
 			Path: o.ConfigPath, Flags: o.Flags, Environ: o.Environ, Initial: cfg, Logger: d.log,
@@ -226,11 +251,14 @@ func Run(ctx context.Context, o Options) error {
 		})
 		g.Go(func() error { return w.Run(gctx) })
 	}
+	g.Go(func() error { return d.guard.Run(gctx) })
 	g.Go(func() error { return d.notify.RunWatchdog(gctx, d.healthyForWatchdog) })
 	g.Go(func() error { d.readyNotifier(gctx); return nil })
 
 	d.log.Info("extractedprism started", "version", version.Version, "listen", ln.Addr().String(),
 		"admin", adminLn.Addr().String(), "static_endpoints", len(cfg.Endpoints), "discovery", cfg.Discovery.Enabled)
+	warnExposed(d.log, "listen", ln.Addr())
+	warnExposed(d.log, "admin", adminLn.Addr())
 
 	select {
 	case <-ctx.Done():
@@ -284,6 +312,7 @@ func (d *daemon) proxyOptions(cfg config.Config) proxy.Options {
 		Replay:            p.Replay,
 		FirstByteTimeout:  p.FirstByteTimeout,
 		ReplayBufferBytes: p.ReplayBufferBytes,
+		MaxConnections:    d.connLimitFor(p.MaxConnections).n,
 		Rebalance: proxy.RebalanceOptions{
 			Enabled: p.Rebalance.Enabled, Tolerance: p.Rebalance.Tolerance, MinAge: p.Rebalance.MinAge,
 			Period: p.Rebalance.Period, MaxFractionPerMinute: p.Rebalance.MaxFractionPerMinute,
@@ -306,39 +335,19 @@ func (d *daemon) policyOptions(cfg config.Config) health.Options {
 
 func (d *daemon) proberOptions(cfg config.Config) probe.Options {
 	pc := cfg.Probe
-	var tlsConf *tls.Config
-	if pc.CAFile != "" || pc.ServerName != "" {
-		tlsConf = &tls.Config{ServerName: pc.ServerName, MinVersion: tls.VersionTLS12}
-		if pc.CAFile != "" {
-			pool := x509.NewCertPool()
-			if pem, err := os.ReadFile(pc.CAFile); err == nil && pool.AppendCertsFromPEM(pem) {
-				tlsConf.RootCAs = pool
-			} else {
-				d.log.Error("probe.ca_file unusable; probes will fail verification", "file", pc.CAFile, "err", err)
-				tlsConf.RootCAs = pool
-			}
-		} else {
-			tlsConf.InsecureSkipVerify = true //nolint:gosec // verification only with probe.ca_file
-		}
-	}
 	return probe.Options{
 		Mode: probe.Mode(pc.Mode), Path: pc.Path, Interval: pc.Interval, Timeout: pc.Timeout,
-		Jitter: pc.Jitter, TLS: tlsConf, Reporter: d.set,
-		Observe: func(addr string, ok bool, dur time.Duration) {
-			now := time.Now()
-			d.lastProbeAt.Store(now.UnixNano())
-			if u := d.set.Lookup(addr); u != nil {
-				if m := upstreamMetrics(u); m != nil {
-					m.ProbeDone(ok, dur, now)
-				}
-			}
-		},
+		Jitter: pc.Jitter, TLS: d.probeTLS(pc), Reporter: probeReporter{d},
+		BearerTokenFile: pc.BearerTokenFile, ClientCertFile: pc.ClientCertFile, ClientKeyFile: pc.ClientKeyFile,
+		Observe: d.probeObserved,
 		// Real traffic from an upstream is as good a sign of life as a
-		// probe, and costs the apiserver nothing extra.
+		// PING, and costs the apiserver nothing extra. It never stands in
+		// for a readiness check.
 		Heard: func(addr string, within time.Duration) bool {
 			u := d.set.Lookup(addr)
 			return u != nil && d.proxy.HeardWithin(u, within)
 		},
+		Shared: d.sharedVerdict,
 		Logger: d.log.With("component", "probe"),
 	}
 }
@@ -359,6 +368,7 @@ func (d *daemon) discoveryOptions(cfg config.Config) discovery.Options {
 		Service:            dc.Service,
 		Debounce:           dc.Debounce,
 		StateFile:          dc.StateFile,
+		MaxEndpoints:       dc.MaxEndpoints,
 		OnUpdate:           d.onEndpoints,
 		OnEvent: func(e discovery.Event) {
 			switch e.Kind {
@@ -366,6 +376,8 @@ func (d *daemon) discoveryOptions(cfg config.Config) discovery.Options {
 				d.met.DiscoverySynced(e.Count, time.Now())
 			case discovery.EventWatchRestart:
 				d.met.DiscoveryWatchRestarted()
+			case discovery.EventDropped:
+				d.met.DiscoveryDropped(string(e.Reason), e.Count)
 			}
 		},
 	}
@@ -406,12 +418,20 @@ func (d *daemon) onTransition(t upstream.Transition) {
 	d.updateStatusLine()
 }
 
-// adminHost returns the host the admin server of cfg binds.
-func adminHost(cfg config.Config) string {
-	if cfg.Admin.Address != "" {
-		return cfg.Admin.Address
+// warnExposed logs a warning when a listener is reachable from beyond the
+// node: the admin port then serves /status and /metrics to the network,
+// the listen port the node's API path to anyone who can reach it.
+func warnExposed(log *slog.Logger, what string, a net.Addr) {
+	tcp, ok := a.(*net.TCPAddr)
+	if !ok || tcp.IP.IsLoopback() {
+		return
 	}
-	return cfg.Listen.Address
+	exposes := "the node's API server path"
+	if what == "admin" {
+		exposes = "/healthz, /readyz, /status and /metrics"
+	}
+	log.Warn(what+" address is not loopback: reachable from the network", "address", a.String(), "exposes", exposes,
+		"see", "docs/security.md")
 }
 
 func upstreamMetrics(u *upstream.Upstream) *metrics.UpstreamMetrics {
@@ -443,19 +463,41 @@ func (d *daemon) ready() (bool, string) {
 	return false, fmt.Sprintf("no healthy upstream (0/%d)", total)
 }
 
-// alive reports liveness: false only when the accept loop has died.
+// alive reports liveness: false only when the proxy's accept loop or an
+// event loop of its data path has died (the reason says which). A
+// stranger on a listener's port makes it degraded but alive: a restart
+// would not remove the stranger, only drop this process's connections.
 func (d *daemon) alive() (bool, string) {
-	if !d.proxy.Alive() {
-		return false, "accept loop died"
+	if err := d.proxy.LivenessError(); err != nil {
+		return false, err.Error()
 	}
+	reason := "accept loop alive"
 	if err := d.proxy.AcceptError(); err != nil {
-		return true, "accept loop alive, retrying: " + err.Error()
+		reason = "accept loop alive, retrying: " + err.Error()
 	}
-	return true, "accept loop alive"
+	if d.guard != nil {
+		if ss := d.guard.Strangers(); len(ss) > 0 {
+			parts := make([]string, len(ss))
+			for i, s := range ss {
+				parts[i] = s.String()
+			}
+			reason += "; degraded: another process listens on this balancer's port and gets a share of its connections: " +
+				strings.Join(parts, "; ")
+		}
+	}
+	return true, reason
 }
 
-// healthyForWatchdog is polled by the systemd watchdog: the accept loop is
-// alive and the prober has reported recently (or has nothing to probe).
+// listeners returns the listeners the Guard watches.
+func (d *daemon) listeners() map[string]net.Listener {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return map[string]net.Listener{"listen": d.listenLn, "admin": d.adminLn}
+}
+
+// healthyForWatchdog is polled by the systemd watchdog: the proxy is alive
+// (its accept loops and event loops) and the prober has reported recently
+// (or has nothing to probe).
 func (d *daemon) healthyForWatchdog() bool {
 	if !d.proxy.Alive() {
 		return false
@@ -580,13 +622,15 @@ func (d *daemon) statusDoc() status.Document {
 	d.mu.Unlock()
 	doc := status.Document{
 		Ready: ready, Reason: reason, Alive: alive, Version: version.Version, Listen: listen,
-		ActiveConnections: d.proxy.Active(), Config: cs, Upstreams: []status.Upstream{},
+		ActiveConnections: d.proxy.Active(), MaxConnections: int64(d.proxy.MaxConnections()),
+		RefusedConnections: d.proxy.Refused(), Config: cs, Upstreams: []status.Upstream{},
 	}
 	for _, st := range d.set.Snapshot() {
 		doc.Upstreams = append(doc.Upstreams, status.Upstream{
 			Address: st.Address, Source: st.Source, State: st.State.String(), Since: st.Since, Reason: st.Reason,
 			LastProbe: st.LastProbe, LastProbeOK: st.LastProbeOK, LastProbeLatencySeconds: st.LastLatency.Seconds(),
-			LastError: st.LastError, ActiveConnections: st.Active, TotalConnections: st.Total, Failures: st.Failures,
+			LastError: st.LastError, ReadinessUnknown: st.ReadinessUnknown, ReadinessShared: st.ReadinessShared,
+			ActiveConnections: st.Active, TotalConnections: st.Total, Failures: st.Failures,
 		})
 	}
 	if m := d.disc.Load(); m != nil {
@@ -667,7 +711,7 @@ func (d *daemon) apply(next config.Config) {
 			problems = append(problems, fmt.Errorf("admin address %s: %w (still serving %s)", next.AdminAddr(), err, prev.AdminAddr()))
 			// Keep serving where we are, even if the old admin address
 			// was derived from the listen address that just changed.
-			next.Admin.Address, next.Admin.Port = adminHost(prev), prev.Admin.Port
+			next.Admin.Address, next.Admin.Port = prev.Admin.Address, prev.Admin.Port
 		} else {
 			d.stopAdmin()
 			d.startAdmin(ln)
@@ -678,6 +722,11 @@ func (d *daemon) apply(next config.Config) {
 	strategy, _ := upstream.ParseStrategy(next.Balance.Strategy)
 	d.set.SetThresholds(next.Probe.Rise, next.Probe.Fall, strategy)
 	d.proxy.SetOptions(d.proxyOptions(next))
+	if was, now := d.connLimitFor(prev.Proxy.MaxConnections), d.connLimitFor(next.Proxy.MaxConnections); was != now {
+		// Lowering it cuts nothing: new connections are refused until
+		// enough of the established ones have ended.
+		d.logConnLimit(now, "connection limit changed")
+	}
 	d.policy.SetOptions(d.policyOptions(next))
 	if !reflect.DeepEqual(next.Probe, prev.Probe) {
 		d.prober.restart(d.proberOptions(next))
@@ -685,6 +734,10 @@ func (d *daemon) apply(next config.Config) {
 	}
 	discChanged := !reflect.DeepEqual(next.Discovery, prev.Discovery) ||
 		(next.Discovery.ViaLocal && next.ListenAddr() != prev.ListenAddr())
+	sharedChanged := discChanged || !reflect.DeepEqual(next.Probe.SharedReadiness, prev.Probe.SharedReadiness)
+	if sharedChanged {
+		d.stopShared()
+	}
 	if discChanged {
 		d.discRunner.stop()
 		if err := d.startDiscovery(next); err != nil {
@@ -694,6 +747,9 @@ func (d *daemon) apply(next config.Config) {
 		if m := d.disc.Load(); m != nil {
 			m.SetStatic(next.Endpoints)
 		}
+	}
+	if sharedChanged {
+		d.startShared(next)
 	}
 
 	now := time.Now()

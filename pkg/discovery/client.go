@@ -98,3 +98,12 @@ func localDialAddress(listen string) string {
 	}
 	return net.JoinHostPort(host, port)
 }
+
+// Client builds an API client from the same credentials and path as the
+// EndpointSlice watch (the kubeconfig, or the in-cluster service account,
+// through our own listener with via_local), for other readers of the
+// cluster such as the shared readiness watcher. The returned function
+// closes the client's idle connections.
+func (m *Manager) Client() (kubernetes.Interface, func(), error) {
+	return m.buildClient()
+}

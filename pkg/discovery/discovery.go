@@ -84,13 +84,18 @@ const (
 	EventWatchRestart EventKind = "watch_restart"
 	// EventError is sent for a failed list, watch or state file write.
 	EventError EventKind = "error"
+	// EventDropped is sent when addresses of an EndpointSlice or the state
+	// file are dropped; Reason says why and Count how many (each address
+	// counts once, however often it is seen again).
+	EventDropped EventKind = "dropped"
 )
 
 // Event is a notable moment of discovery, for metrics.
 type Event struct {
-	Kind  EventKind
-	Count int
-	Err   error
+	Kind   EventKind
+	Count  int
+	Reason DropReason
+	Err    error
 }
 
 // Options configure a Manager. The zero value of every field is usable except
@@ -113,7 +118,9 @@ type Options struct {
 	// ViaLocal sends API traffic to LocalAddress (our own listener) instead of
 	// the server named in the credentials.
 	ViaLocal bool
-	// LocalAddress is host:port of our own listener; required with ViaLocal.
+	// LocalAddress is host:port of our own listener; required with
+	// ViaLocal. No endpoint, static, discovered or from the state file, is
+	// ever this address (traffic would loop back into the balancer).
 	LocalAddress string
 	// ServerName is the TLS server name used with ViaLocal ("" = the
 	// kubeconfig's, or kubernetes.default.svc).
@@ -125,6 +132,16 @@ type Options struct {
 	Debounce time.Duration
 	// StateFile is the path of the last-known-good file ("" = none).
 	StateFile string
+	// MaxEndpoints caps the discovered endpoints, and those of the state
+	// file, in use (0: DefaultMaxEndpoints); beyond it the first in
+	// address order are kept. Loopback, unspecified, link-local and
+	// multicast addresses, and LocalAddress, are dropped from both before
+	// the cap is applied (static endpoints may be loopback: an operator
+	// may run a local stand-in).
+	MaxEndpoints int
+	// LocalIPs returns the node's addresses, to recognise LocalAddress
+	// when it binds every address (nil: the interfaces' addresses).
+	LocalIPs func() []netip.Addr
 	// OnUpdate receives the merged, de-duplicated list sorted by address. It
 	// is called from Run's goroutine, and never with an empty list while
 	// static endpoints are configured.
@@ -159,6 +176,9 @@ type Manager struct {
 	checkEvery time.Duration
 	// backoff bounds the retry delays of the watch loop.
 	backoff backoffPolicy
+	// screen drops unusable discovered and state-file addresses.
+	screen *screener
+	self   self
 
 	staticCh chan struct{}
 
@@ -184,7 +204,16 @@ func New(o Options) (*Manager, error) {
 	if o.Service == "" {
 		o.Service = DefaultService
 	}
+	if o.MaxEndpoints == 0 {
+		o.MaxEndpoints = DefaultMaxEndpoints
+	}
+	if o.LocalIPs == nil {
+		o.LocalIPs = interfaceAddrs
+	}
 	var errs []error
+	if o.MaxEndpoints < 0 {
+		errs = append(errs, fmt.Errorf("discovery.max_endpoints: %d is negative", o.MaxEndpoints))
+	}
 	switch o.StaticMode {
 	case StaticAlways, StaticBootstrapOnly:
 	default:
@@ -218,9 +247,11 @@ func New(o Options) (*Manager, error) {
 		checkEvery: time.Second,
 		backoff:    defaultBackoff,
 		staticCh:   make(chan struct{}, 1),
-		static:     static,
 		status:     Status{Enabled: o.Enabled, State: StateDisabled},
+		self:       newSelf(o.LocalAddress, o.LocalIPs),
 	}
+	m.screen = newScreener(o.MaxEndpoints, m.self, o.Logger, o.Clock, m.event)
+	m.static = m.notSelf(static)
 	if o.Enabled {
 		m.status.State = StateStarting
 	}
@@ -240,13 +271,32 @@ func (m *Manager) SetStatic(static []string) {
 		}
 		valid = append(valid, a)
 	}
+	valid = m.notSelf(dedupSorted(valid))
 	m.mu.Lock()
-	m.static = dedupSorted(valid)
+	m.static = valid
 	m.mu.Unlock()
 	select {
 	case m.staticCh <- struct{}{}:
 	default:
 	}
+}
+
+// notSelf returns addrs without the balancer's own listen address, and
+// logs it if it was there.
+func (m *Manager) notSelf(addrs []string) []string {
+	return slices.DeleteFunc(addrs, func(a string) bool {
+		host, port, err := net.SplitHostPort(a)
+		if err != nil {
+			return false
+		}
+		ip, _ := netip.ParseAddr(host)
+		if !m.self.is(ip, host, port) {
+			return false
+		}
+		m.log.Warn("ignoring static endpoint: it is extractedprism's own listen address, traffic would loop",
+			"endpoint", a, "listen", m.opts.LocalAddress)
+		return true
+	})
 }
 
 // Status returns a snapshot of the discovery state.

@@ -115,10 +115,11 @@ func TestListAndWatchOverHTTP(t *testing.T) {
 	if len(queries) < 2 {
 		t.Fatalf("requests %v, want a list and a watch", queries)
 	}
-	if !strings.Contains(queries[0], "labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes") || strings.Contains(queries[0], "watch") {
+	if !strings.Contains(queries[0], "labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes") ||
+		!strings.Contains(queries[0], "fieldSelector=metadata.name%3Dkubernetes") || strings.Contains(queries[0], "watch") {
 		t.Errorf("list query %q", queries[0])
 	}
-	for _, want := range []string{"watch=true", "allowWatchBookmarks=true", "resourceVersion=5", "timeoutSeconds=", "labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes"} {
+	for _, want := range []string{"watch=true", "allowWatchBookmarks=true", "resourceVersion=5", "timeoutSeconds=", "labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes", "fieldSelector=metadata.name%3Dkubernetes"} {
 		if !strings.Contains(queries[1], want) {
 			t.Errorf("watch query %q lacks %s", queries[1], want)
 		}

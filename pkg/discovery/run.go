@@ -67,6 +67,9 @@ func (m *Manager) Run(ctx context.Context) error {
 	st := &runState{lostSince: m.now()}
 	if m.opts.Enabled && m.opts.StateFile != "" {
 		eps, err := loadStateFile(m.opts.StateFile)
+		if err == nil {
+			eps = m.screen.screen(eps, "state file")
+		}
 		switch {
 		case err != nil:
 			m.log.Warn("ignoring unreadable state file", "path", m.opts.StateFile, "error", err)

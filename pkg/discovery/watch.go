@@ -53,6 +53,14 @@ func (m *Manager) labelSelector() string {
 	return discoveryv1.LabelServiceName + "=" + m.opts.Service
 }
 
+// fieldSelector selects, among them, the one slice the apiservers write:
+// it bears the service's name (kubernetes), while anyone allowed to create
+// EndpointSlices in the namespace can add another with the same label. It
+// also lets RBAC grant access to that slice alone (resourceNames).
+func (m *Manager) fieldSelector() string {
+	return "metadata.name=" + m.opts.Service
+}
+
 // watchLoop lists and watches the EndpointSlices until ctx is done, sending
 // what it learns to out.
 func (m *Manager) watchLoop(ctx context.Context, out chan<- watchMsg) {
@@ -168,16 +176,18 @@ var errClosedEarly = errors.New("watch closed at once without events")
 // *early after a watch that delivered events or lasted.
 func (m *Manager) listAndWatch(ctx context.Context, client kubernetes.Interface, send func(watchMsg) bool, attempt, early *int) error {
 	api := m.sliceClient(client)
-	sel := m.labelSelector()
+	sel, fields := m.labelSelector(), m.fieldSelector()
 	lctx, cancel := context.WithTimeout(ctx, listTimeout)
-	list, err := api.List(lctx, metav1.ListOptions{LabelSelector: sel})
+	list, err := api.List(lctx, metav1.ListOptions{LabelSelector: sel, FieldSelector: fields})
 	cancel()
 	if err != nil {
-		return fmt.Errorf("list EndpointSlices in namespace %q with %s: %w", m.opts.Namespace, sel, err)
+		return fmt.Errorf("list EndpointSlices in namespace %q with %s,%s: %w", m.opts.Namespace, sel, fields, err)
 	}
 	store := make(map[string]*discoveryv1.EndpointSlice, len(list.Items))
 	for i := range list.Items {
-		store[list.Items[i].Name] = &list.Items[i]
+		if m.ours(&list.Items[i]) {
+			store[list.Items[i].Name] = &list.Items[i]
+		}
 	}
 	if !send(watchMsg{kind: msgSnapshot, endpoints: m.endpointsOf(store), listed: true}) {
 		return nil
@@ -189,6 +199,7 @@ func (m *Manager) listAndWatch(ctx context.Context, client kubernetes.Interface,
 		timeout := int64(300 + rand.IntN(300))
 		w, err := api.Watch(ctx, metav1.ListOptions{
 			LabelSelector:       sel,
+			FieldSelector:       fields,
 			ResourceVersion:     rv,
 			AllowWatchBookmarks: true,
 			TimeoutSeconds:      &timeout,
@@ -256,7 +267,7 @@ func (m *Manager) consume(ctx context.Context, w watch.Interface, store map[stri
 		if s.ResourceVersion != "" {
 			rv = s.ResourceVersion
 		}
-		if s.Labels[discoveryv1.LabelServiceName] != m.opts.Service {
+		if !m.ours(s) {
 			// Not ours (a relabelled slice): forget it if we had it.
 			if _, had := store[s.Name]; !had {
 				continue
@@ -273,8 +284,16 @@ func (m *Manager) consume(ctx context.Context, w watch.Interface, store map[stri
 	}
 }
 
+// ours reports whether s is the slice the apiservers write for the
+// watched service (the selectors already ask for it alone; this holds
+// whatever the server sends).
+func (m *Manager) ours(s *discoveryv1.EndpointSlice) bool {
+	return s.Name == m.opts.Service && s.Labels[discoveryv1.LabelServiceName] == m.opts.Service
+}
+
 // endpointsOf merges the ready endpoints of all slices into a sorted,
-// de-duplicated list.
+// de-duplicated list without the addresses no apiserver can have, capped
+// at Options.MaxEndpoints.
 func (m *Manager) endpointsOf(store map[string]*discoveryv1.EndpointSlice) []string {
 	var out []string
 	for _, s := range store {
@@ -284,7 +303,7 @@ func (m *Manager) endpointsOf(store map[string]*discoveryv1.EndpointSlice) []str
 		}
 		out = append(out, eps...)
 	}
-	return dedupSorted(out)
+	return m.screen.screen(out, "EndpointSlice")
 }
 
 // SliceEndpoints returns host:port for every address of every endpoint of s

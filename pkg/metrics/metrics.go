@@ -62,6 +62,12 @@ type Metrics struct {
 	discoveryEndpoints prometheus.Gauge
 	discoverySync      prometheus.Gauge
 	discoveryRestarts  prometheus.Counter
+	discoveryDropped   *prometheus.CounterVec
+
+	listenerStrangers *prometheus.GaugeVec
+
+	refused        *prometheus.CounterVec
+	maxConnections prometheus.Gauge
 
 	upstreams *upstreamCollector
 }
@@ -98,7 +104,23 @@ func New(reg prometheus.Registerer, b BuildInfo) (*Metrics, error) {
 		discoveryEndpoints: gauge("discovery_endpoints", "API server endpoints found by the last EndpointSlice sync."),
 		discoverySync:      gauge("discovery_last_sync_timestamp_seconds", "Unix time of the last EndpointSlice sync."),
 		discoveryRestarts:  counter("discovery_watch_restarts_total", "Restarts of the EndpointSlice watch after it ended or failed."),
-		upstreams:          newUpstreamCollector(),
+		discoveryDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace,
+			Name:      "discovery_endpoints_dropped_total",
+			Help:      "Addresses from the EndpointSlice or the state file not used, by reason (each address counted once).",
+		}, []string{"reason"}),
+		listenerStrangers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: Namespace,
+			Name:      "listener_strangers",
+			Help:      "Listening sockets on the port of a reuse-port listener that are not an extractedprism of the same UID; they get a share of the new connections.",
+		}, []string{"listener"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace,
+			Name:      "connections_refused_total",
+			Help:      "Client connections accepted and reset at once without being proxied, by reason (max_connections: the cap on connections proxied at once was reached).",
+		}, []string{"reason"}),
+		maxConnections: gauge("max_connections", "The cap on client connections proxied at once, over all upstreams (proxy.max_connections, or its derived default)."),
+		upstreams:      newUpstreamCollector(),
 	}
 	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace:   Namespace,
@@ -111,9 +133,15 @@ func New(reg prometheus.Registerer, b BuildInfo) (*Metrics, error) {
 	cs := []prometheus.Collector{
 		m.accepted, m.failovers, m.replays, m.noUpstream, m.closedOnDown, m.drainCut, m.rebalanced,
 		m.dialDuration, m.configOK, m.configTime, m.discoveryEndpoints, m.discoverySync,
-		m.discoveryRestarts, m.upstreams, buildInfo,
+		m.discoveryRestarts, m.discoveryDropped, m.listenerStrangers, m.refused, m.maxConnections, m.upstreams, buildInfo,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	}
+	for _, r := range DropReasons {
+		m.discoveryDropped.WithLabelValues(r)
+	}
+	for _, r := range RefuseReasons {
+		m.refused.WithLabelValues(r)
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
@@ -174,6 +202,25 @@ func (m *Metrics) Rebalanced() {
 	}
 }
 
+// RefuseReasons are the values of the reason label of
+// extractedprism_connections_refused_total; each is exported from the
+// start (at 0) so that rate() sees the first refusal.
+var RefuseReasons = []string{"max_connections"}
+
+// Refused counts one client connection refused for reason.
+func (m *Metrics) Refused(reason string) {
+	if m != nil {
+		m.refused.WithLabelValues(reason).Inc()
+	}
+}
+
+// SetMaxConnections records the cap on connections proxied at once.
+func (m *Metrics) SetMaxConnections(n int) {
+	if m != nil {
+		m.maxConnections.Set(float64(n))
+	}
+}
+
 // DialDuration observes the duration of one upstream connect.
 func (m *Metrics) DialDuration(d time.Duration) {
 	if m != nil {
@@ -221,10 +268,30 @@ func (m *Metrics) DiscoverySynced(endpoints int, at time.Time) {
 	m.discoverySync.Set(unixSeconds(at))
 }
 
+// DropReasons are the values of the reason label of
+// extractedprism_discovery_endpoints_dropped_total, all exported from the
+// start (they are discovery's DropReasons).
+var DropReasons = []string{"loopback", "unspecified", "link_local", "multicast", "self", "hostname", "over_cap"}
+
+// DiscoveryDropped counts n addresses of discovery dropped for reason.
+func (m *Metrics) DiscoveryDropped(reason string, n int) {
+	if m != nil && n > 0 {
+		m.discoveryDropped.WithLabelValues(reason).Add(float64(n))
+	}
+}
+
 // DiscoveryWatchRestarted counts one restart of the EndpointSlice watch.
 func (m *Metrics) DiscoveryWatchRestarted() {
 	if m != nil {
 		m.discoveryRestarts.Inc()
+	}
+}
+
+// ListenerStrangers records the number of strangers found on the port of
+// a listener ("listen" or "admin").
+func (m *Metrics) ListenerStrangers(listener string, n int) {
+	if m != nil {
+		m.listenerStrangers.WithLabelValues(listener).Set(float64(n))
 	}
 }
 
@@ -246,6 +313,8 @@ var _ prometheus.Collector = (*upstreamCollector)(nil)
 // upstreamCollector exports the per-upstream series at scrape time.
 type upstreamCollector struct {
 	healthy       *prometheus.Desc
+	unknown       *prometheus.Desc
+	shared        *prometheus.Desc
 	active        *prometheus.Desc
 	connections   *prometheus.Desc
 	dialFailures  *prometheus.Desc
@@ -266,6 +335,8 @@ func newUpstreamCollector() *upstreamCollector {
 	}
 	return &upstreamCollector{
 		healthy:       desc("healthy", "Whether the upstream is considered healthy (1) or not (0)."),
+		unknown:       desc("readiness_unknown", "1 while the upstream answers probes but not about its readiness (401/403: give probe credentials), so it is routed to on liveness alone."),
+		shared:        desc("readiness_shared", "1 while the upstream's readiness comes from the cluster's shared verdict rather than this node's own checks."),
 		active:        desc("active_connections", "Client connections currently proxied to the upstream."),
 		connections:   desc("connections_total", "Client connections proxied to the upstream."),
 		dialFailures:  desc("dial_failures_total", "Failed connects to the upstream, by reason (refused, timeout, other).", "reason"),
@@ -299,7 +370,7 @@ func (c *upstreamCollector) forget(addr string) {
 // Describe implements prometheus.Collector.
 func (c *upstreamCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		c.healthy, c.active, c.connections, c.dialFailures, c.probeDuration,
+		c.healthy, c.unknown, c.shared, c.active, c.connections, c.dialFailures, c.probeDuration,
 		c.probeFailures, c.lastProbeOK, c.sentBytes, c.receivedBytes,
 	} {
 		ch <- d
@@ -313,6 +384,8 @@ func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 	for addr, u := range c.byAddr {
 		src := u.source
 		ch <- prometheus.MustNewConstMetric(c.healthy, prometheus.GaugeValue, boolFloat(u.healthy.Load()), addr, src)
+		ch <- prometheus.MustNewConstMetric(c.unknown, prometheus.GaugeValue, boolFloat(u.unknown.Load()), addr, src)
+		ch <- prometheus.MustNewConstMetric(c.shared, prometheus.GaugeValue, boolFloat(u.shared.Load()), addr, src)
 		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(u.active.Load()), addr, src)
 		ch <- prometheus.MustNewConstMetric(c.connections, prometheus.CounterValue, float64(u.connections.Load()), addr, src)
 		for i, r := range reasons {

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -35,6 +36,8 @@ func exercise(m *Metrics) {
 	m.DrainCut(3)
 	m.Rebalanced()
 	m.DialDuration(3 * time.Millisecond)
+	m.Refused("max_connections")
+	m.SetMaxConnections(10240)
 	m.ConfigReloaded(true, t0)
 	m.DiscoverySynced(3, t0)
 	m.DiscoveryWatchRestarted()
@@ -69,12 +72,15 @@ func TestRegisteredNames(t *testing.T) {
 		"extractedprism_closed_on_down_total",
 		"extractedprism_config_last_reload_successful",
 		"extractedprism_config_last_reload_timestamp_seconds",
+		"extractedprism_connections_refused_total",
 		"extractedprism_dial_duration_seconds",
 		"extractedprism_discovery_endpoints",
+		"extractedprism_discovery_endpoints_dropped_total",
 		"extractedprism_discovery_last_sync_timestamp_seconds",
 		"extractedprism_discovery_watch_restarts_total",
 		"extractedprism_drain_cut_total",
 		"extractedprism_failovers_total",
+		"extractedprism_max_connections",
 		"extractedprism_no_upstream_total",
 		"extractedprism_rebalanced_total",
 		"extractedprism_replays_total",
@@ -85,6 +91,8 @@ func TestRegisteredNames(t *testing.T) {
 		"extractedprism_upstream_last_probe_success_timestamp_seconds",
 		"extractedprism_upstream_probe_duration_seconds",
 		"extractedprism_upstream_probe_failures_total",
+		"extractedprism_upstream_readiness_shared",
+		"extractedprism_upstream_readiness_unknown",
 		"extractedprism_upstream_received_bytes_total",
 		"extractedprism_upstream_sent_bytes_total",
 	}
@@ -140,6 +148,9 @@ func TestProxyWideCounters(t *testing.T) {
 	m.DrainCut(7)
 	m.Rebalanced()
 	m.DiscoveryWatchRestarted()
+	m.Refused("max_connections")
+	m.Refused("max_connections")
+	m.SetMaxConnections(10240)
 	for _, c := range []struct {
 		name string
 		c    prometheus.Collector
@@ -153,6 +164,8 @@ func TestProxyWideCounters(t *testing.T) {
 		{"drain cut", m.drainCut, 7},
 		{"rebalanced", m.rebalanced, 1},
 		{"watch restarts", m.discoveryRestarts, 1},
+		{"refused", m.refused.WithLabelValues("max_connections"), 2},
+		{"max connections", m.maxConnections, 10240},
 	} {
 		if got := testutil.ToFloat64(c.c); got != c.want {
 			t.Errorf("%s = %v, want %v", c.name, got, c.want)
@@ -340,14 +353,14 @@ func TestForgetUpstreamRemovesSeries(t *testing.T) {
 	a := m.Upstream("10.0.0.1:6443", "static")
 	m.Upstream("10.0.0.2:6443", "static").SetHealthy(true)
 	a.ConnOpened()
-	// 9 series per upstream plus 2 more dial failure reasons.
-	if n := testutil.CollectAndCount(m.upstreams); n != 2*11 {
-		t.Fatalf("series before forget = %d, want 22", n)
+	// 11 series per upstream plus 2 more dial failure reasons.
+	if n := testutil.CollectAndCount(m.upstreams); n != 2*13 {
+		t.Fatalf("series before forget = %d, want 26", n)
 	}
 	m.ForgetUpstream("10.0.0.1:6443")
 	m.ForgetUpstream("10.9.9.9:6443") // unknown: no-op
-	if n := testutil.CollectAndCount(m.upstreams); n != 11 {
-		t.Fatalf("series after forget = %d, want 11", n)
+	if n := testutil.CollectAndCount(m.upstreams); n != 13 {
+		t.Fatalf("series after forget = %d, want 13", n)
 	}
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -500,4 +513,19 @@ func BenchmarkConnOpenedClosed(b *testing.B) {
 			u.ConnClosed(512, 4096)
 		}
 	})
+}
+
+func TestDiscoveryDroppedExportsEveryReason(t *testing.T) {
+	m, reg := newTest(t)
+	m.DiscoveryDropped("loopback", 2)
+	m.DiscoveryDropped("over_cap", 2968)
+	want := "# HELP extractedprism_discovery_endpoints_dropped_total Addresses from the EndpointSlice or the state file not used, by reason (each address counted once).\n" +
+		"# TYPE extractedprism_discovery_endpoints_dropped_total counter\n"
+	for _, r := range DropReasons {
+		n := map[string]int{"loopback": 2, "over_cap": 2968}[r]
+		want += fmt.Sprintf("extractedprism_discovery_endpoints_dropped_total{reason=%q} %d\n", r, n)
+	}
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "extractedprism_discovery_endpoints_dropped_total"); err != nil {
+		t.Fatal(err)
+	}
 }

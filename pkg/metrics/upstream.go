@@ -20,6 +20,8 @@ type UpstreamMetrics struct {
 	source string
 
 	healthy       atomic.Bool
+	unknown       atomic.Bool // readiness unknown (401/403 without credentials)
+	shared        atomic.Bool // readiness taken from the shared verdict
 	active        atomic.Int64
 	connections   atomic.Uint64
 	dialFailures  [len(reasons)]atomic.Uint64
@@ -34,6 +36,16 @@ type UpstreamMetrics struct {
 func (u *UpstreamMetrics) SetHealthy(ok bool) {
 	if u != nil {
 		u.healthy.Store(ok)
+	}
+}
+
+// SetReadiness records where the upstream's readiness came from: unknown
+// (it answers probes but not about readiness, e.g. 401 without
+// credentials), and whether from the cluster's shared verdict.
+func (u *UpstreamMetrics) SetReadiness(unknown, shared bool) {
+	if u != nil {
+		u.unknown.Store(unknown)
+		u.shared.Store(shared)
 	}
 }
 

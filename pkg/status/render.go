@@ -10,7 +10,8 @@ import (
 	"time"
 )
 
-// RenderTable writes d for a person: a header line, one row per upstream
+// RenderTable writes d for a person: a header line (with the active
+// connections against their cap, when there is one), one row per upstream
 // (address, source, state and for how long, last probe and its latency,
 // active connections, failures, reason) and a summary line saying whether
 // the node is ready and why, the discovery state and the config reload
@@ -23,7 +24,15 @@ func RenderTable(w io.Writer, d Document, now time.Time) error {
 	} else {
 		b.WriteString(" not listening")
 	}
-	fmt.Fprintf(&b, ", %s\n\n", plural(d.ActiveConnections, "active connection"))
+	if d.MaxConnections > 0 {
+		fmt.Fprintf(&b, ", %d of %d connections", d.ActiveConnections, d.MaxConnections)
+		if d.RefusedConnections > 0 {
+			fmt.Fprintf(&b, " (%d refused at the limit)", d.RefusedConnections)
+		}
+		b.WriteString("\n\n")
+	} else {
+		fmt.Fprintf(&b, ", %s\n\n", plural(d.ActiveConnections, "active connection"))
+	}
 
 	if len(d.Upstreams) == 0 {
 		b.WriteString("no upstreams\n")
@@ -84,16 +93,23 @@ func readySummary(d Document) string {
 	if !d.Alive {
 		s += " | accept loop: NOT RUNNING"
 	}
-	up := 0
+	up, unknown := 0, 0
 	for _, u := range d.Upstreams {
 		if u.State == "up" {
 			up++
+			if u.ReadinessUnknown != "" {
+				unknown++
+			}
 		}
 	}
 	if len(d.Upstreams) == 0 {
 		return s + " | upstreams: none"
 	}
-	return s + fmt.Sprintf(" | upstreams: %d of %d up", up, len(d.Upstreams))
+	s += fmt.Sprintf(" | upstreams: %d of %d up", up, len(d.Upstreams))
+	if unknown > 0 {
+		s += fmt.Sprintf(" (%d with readiness unknown: give probe credentials)", unknown)
+	}
+	return s
 }
 
 func discoverySummary(d Discovery, now time.Time) string {
@@ -173,6 +189,8 @@ func latency(u Upstream) string {
 
 func reason(u Upstream) string {
 	switch {
+	case u.State == "up" && u.ReadinessUnknown != "":
+		return u.ReadinessUnknown
 	case u.Reason != "":
 		return u.Reason
 	case u.State != "up":

@@ -26,7 +26,7 @@ func ts(ago time.Duration) time.Time { return now.Add(-ago) }
 var cases = map[string]Document{
 	"healthy": {
 		Ready: true, Reason: "2 healthy upstreams", Alive: true, Version: "v1.4.0",
-		Listen: "127.0.0.1:7445", ActiveConnections: 14,
+		Listen: "127.0.0.1:7445", ActiveConnections: 14, MaxConnections: 10240, RefusedConnections: 3,
 		Upstreams: []Upstream{
 			{
 				Address: "10.0.0.1:6443", Source: "static", State: "up", Since: ts(3*time.Minute + 12*time.Second),

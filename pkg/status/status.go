@@ -18,6 +18,12 @@ type Document struct {
 	Listen string `json:"listen"`
 	// ActiveConnections counts client connections currently proxied.
 	ActiveConnections int64 `json:"active_connections"`
+	// MaxConnections is the cap on ActiveConnections (proxy.max_connections
+	// or its derived default; 0 = none); a connection beyond it is reset.
+	MaxConnections int64 `json:"max_connections,omitempty"`
+	// RefusedConnections counts connections reset because MaxConnections
+	// were being proxied, since start.
+	RefusedConnections uint64 `json:"refused_connections,omitempty"`
 	// Upstreams lists every known upstream, sorted by address.
 	Upstreams []Upstream `json:"upstreams"`
 	// Discovery is the EndpointSlice watch state.
@@ -45,6 +51,11 @@ type Upstream struct {
 	LastProbeLatencySeconds float64 `json:"last_probe_latency_seconds"`
 	// LastError is the error of the last failed probe or dial.
 	LastError string `json:"last_error,omitempty"`
+	// ReadinessUnknown says why the upstream is routed to on liveness
+	// alone ("readiness unknown: 401 Unauthorized"), if it is.
+	ReadinessUnknown string `json:"readiness_unknown,omitempty"`
+	// ReadinessShared: its readiness comes from the cluster's shared verdict.
+	ReadinessShared bool `json:"readiness_shared,omitempty"`
 	// ActiveConnections counts client connections currently riding on it.
 	ActiveConnections int64 `json:"active_connections"`
 	// TotalConnections counts client connections ever sent to it.
