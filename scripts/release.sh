@@ -138,13 +138,16 @@ build() {
 	image_sbom "$out/$NAME-$VERSION-image.oci.tar" "$work/image"
 
 	step "Helm chart $SEMVER (appVersion $VERSION), signed"
-	# helm reads secret keys from a keyring file in OpenPGP format.
-	gpg --export-secret-keys "$FPR" >"$work/secring.gpg"
+	# helm reads secret keys from a keyring file in OpenPGP format. It is
+	# written inside the temporary GNUPGHOME (mode 0700, removed on every
+	# exit, a failed helm included), readable by its owner alone.
+	local secring=$GNUPGHOME/secring.gpg
+	(umask 077 && gpg --export-secret-keys "$FPR" >"$secring")
 	HELM_CACHE_HOME=$work/helm HELM_CONFIG_HOME=$work/helm HELM_DATA_HOME=$work/helm \
 		"$BIN/helm" package manifests/helm/extractedprism --version "$SEMVER" --app-version "$VERSION" \
-		--sign --key "$KEY_UID" --keyring "$work/secring.gpg" --passphrase-file "$RELEASE_GPG_PASSPHRASE_FILE" \
+		--sign --key "$KEY_UID" --keyring "$secring" --passphrase-file "$RELEASE_GPG_PASSPHRASE_FILE" \
 		--destination "$out" >/dev/null
-	rm -f "$work/secring.gpg"
+	rm -f "$secring"
 
 	step "kubeadm static pod manifest"
 	local pod=manifests/kubeadm/extractedprism.yaml

@@ -229,7 +229,7 @@ func get(t *testing.T, url string, want int, deadline time.Duration) {
 // must end the daemon within the pod's grace period.
 func TestProbesReachTheRunningDaemon(t *testing.T) {
 	helm, daemon := tools(t)
-	// Loopback only: "" follows bindAddress (127.0.0.1); 127.0.0.3 is a
+	// Loopback only: "" is 127.0.0.1 whatever bindAddress is; 127.0.0.3 is a
 	// health address of its own. The wildcard mapping (0.0.0.0 probed on
 	// 127.0.0.1) is covered by the unit tests.
 	for _, health := range []string{"", "127.0.0.3"} {

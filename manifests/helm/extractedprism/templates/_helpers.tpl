@@ -78,10 +78,22 @@ may be such a string or a list.
 {{- dig "discovery" "namespace" "default" .Values.config }}
 {{- end }}
 
-{{/* The health server address in force (flag, then config, then the listener's). */}}
+{{/* The listener address in force (flag, then config, then the daemon's default). */}}
+{{- define "extractedprism.listenAddress" -}}
+{{- .Values.bindAddress | default (dig "listen" "address" "127.0.0.1" .Values.config) | toString | trimPrefix "[" | trimSuffix "]" }}
+{{- end }}
+
+{{/*
+The health server address in force (flag, then config, then the daemon's
+default 127.0.0.1, whatever the listener's address).
+*/}}
 {{- define "extractedprism.healthAddress" -}}
-{{- $listen := .Values.bindAddress | default (dig "listen" "address" "127.0.0.1" .Values.config) }}
-{{- .Values.healthBindAddress | default (dig "admin" "address" "" .Values.config) | default $listen | trimPrefix "[" | trimSuffix "]" }}
+{{- .Values.healthBindAddress | default (dig "admin" "address" "" .Values.config) | default "127.0.0.1" | toString | trimPrefix "[" | trimSuffix "]" }}
+{{- end }}
+
+{{/* "true" when the address given is loopback (127.0.0.0/8, ::1, localhost). */}}
+{{- define "extractedprism.isLoopback" -}}
+{{- if or (hasPrefix "127." .) (eq . "::1") (eq . "localhost") }}true{{ end }}
 {{- end }}
 
 {{/* The host kubelet probes: the health address, with wildcards mapped to loopback. */}}
@@ -97,8 +109,7 @@ may be such a string or a list.
 
 {{/* True when the health server listens on loopback only. */}}
 {{- define "extractedprism.healthLoopback" -}}
-{{- $a := include "extractedprism.healthAddress" . }}
-{{- if or (hasPrefix "127." $a) (eq $a "::1") (eq $a "localhost") }}true{{ end }}
+{{- include "extractedprism.isLoopback" (include "extractedprism.healthAddress" .) }}
 {{- end }}
 
 {{/*
@@ -197,11 +208,79 @@ says what is expected.
 {{- if and (ne $surge "0") (ne $surge "0%") (ne $unavail "0") (ne $unavail "0%") }}
 {{- fail (printf "updateStrategy.maxSurge=%s needs updateStrategy.maxUnavailable=0 (got %s): the surged pod takes over before the old one stops, so no node needs to be without one" $surge $unavail) }}
 {{- end }}
+{{- if and (ne $surge "0") (ne $surge "0%") (eq (include "extractedprism.reusePort" .) "false") }}
+{{- fail (printf "updateStrategy.maxSurge=%s needs reusePort (got false): the surged pod binds the ports next to the old one, which the kernel allows only with SO_REUSEPORT; leave reusePort null" $surge) }}
+{{- end }}
 {{- if and (or (eq $surge "0") (eq $surge "0%")) (or (eq $unavail "0") (eq $unavail "0%")) }}
 {{- fail "updateStrategy.maxUnavailable and updateStrategy.maxSurge cannot both be 0: set maxSurge=1 with maxUnavailable=0, or maxUnavailable=1" }}
 {{- end }}
 {{- end }}
 {{- if and (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled) (include "extractedprism.healthLoopback" .) }}
-{{- fail (printf "metrics: Prometheus cannot scrape %s:%s from outside the node: set healthBindAddress=0.0.0.0 (or the node address) to enable the ServiceMonitor or PodMonitor" (include "extractedprism.healthAddress" .) (include "extractedprism.healthPort" .)) }}
+{{- fail (printf "metrics: Prometheus cannot scrape %s:%s from outside the node: set healthBindAddress=0.0.0.0 (or the node address) and allowNonLoopbackBind=true to enable the ServiceMonitor or PodMonitor" (include "extractedprism.healthAddress" .) (include "extractedprism.healthPort" .)) }}
 {{- end }}
+{{- if not .Values.allowNonLoopbackBind }}
+{{- $listen := include "extractedprism.listenAddress" . }}
+{{- if not (include "extractedprism.isLoopback" $listen) }}
+{{- fail (printf "bindAddress (or config.listen.address) %q is not loopback: with hostNetwork every host that can reach the node could use it as its path to the API server; set allowNonLoopbackBind=true if that is what you want (see docs/security.md)" $listen) }}
+{{- end }}
+{{- $health := include "extractedprism.healthAddress" . }}
+{{- if not (include "extractedprism.isLoopback" $health) }}
+{{- fail (printf "healthBindAddress (or config.admin.address) %q is not loopback: /status and /metrics would be served to the network (kubelet probes 127.0.0.1 either way); set allowNonLoopbackBind=true if that is what you want, e.g. for a ServiceMonitor (see docs/security.md)" $health) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.rbac.create (include "extractedprism.discoveryEnabled" .) (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) }}
+{{- fail "serviceAccount.create=false needs serviceAccount.name: the pods would run as the namespace's default service account, and the discovery Role would be bound to it, so every pod of the namespace without a service account of its own could read it; name an existing service account, or set rbac.create=false and bind the Role yourself" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the daemon sets SO_REUSEPORT: reusePort when it is a bool, else
+true exactly when a RollingUpdate surges (maxSurge not 0).
+*/}}
+{{- define "extractedprism.reusePort" -}}
+{{- if kindIs "bool" .Values.reusePort -}}
+{{- .Values.reusePort -}}
+{{- else if eq .Values.updateStrategy.type "RollingUpdate" -}}
+{{- $surge := toString (.Values.updateStrategy.maxSurge | default 0) -}}
+{{- and (ne $surge "0") (ne $surge "0%") -}}
+{{- else -}}
+false
+{{- end -}}
+{{- end }}
+
+{{/* Shared readiness: the publisher's name, its pods' selector labels and the ConfigMap and Lease it writes. */}}
+{{- define "extractedprism.publisherName" -}}
+{{- printf "%s-readiness-publisher" (include "extractedprism.fullname" . | trunc 42 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "extractedprism.publisherSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-readiness-publisher" (include "extractedprism.name" . | trunc 42 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "extractedprism.publisherLabels" -}}
+helm.sh/chart: {{ include "extractedprism.chart" . }}
+{{ include "extractedprism.publisherSelectorLabels" . }}
+app.kubernetes.io/component: readiness-publisher
+app.kubernetes.io/part-of: {{ include "extractedprism.name" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "extractedprism.readinessConfigMap" -}}
+{{- printf "%s-readiness" (include "extractedprism.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The daemon's configuration file: `config`, with probe.shared_readiness
+pointing at the publisher's ConfigMap when sharedReadiness is enabled (keys
+set in `config` win).
+*/}}
+{{- define "extractedprism.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- if .Values.sharedReadiness.enabled }}
+{{- $sr := dict "namespace" .Release.Namespace "name" (include "extractedprism.readinessConfigMap" .) "stale_after" .Values.sharedReadiness.staleAfter }}
+{{- $cfg = mustMergeOverwrite (dict "probe" (dict "shared_readiness" $sr)) $cfg }}
+{{- end }}
+{{- toYaml $cfg }}
 {{- end }}

@@ -32,7 +32,7 @@ func TestMonitorsMatchTheOperatorAPI(t *testing.T) {
 	home := t.TempDir()
 	cmd := exec.Command(helm, "template", "extractedprism", "../../extractedprism",
 		"--namespace", "kube-system", "--api-versions", "monitoring.coreos.com/v1",
-		"--set", "endpoints=10.0.0.1:6443", "--set", "healthBindAddress=0.0.0.0",
+		"--set", "endpoints=10.0.0.1:6443", "--set", "healthBindAddress=0.0.0.0", "--set", "allowNonLoopbackBind=true",
 		"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
 		"--show-only", "templates/servicemonitor.yaml", "--show-only", "templates/podmonitor.yaml")
 	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home, "HELM_CONFIG_HOME="+home, "HELM_DATA_HOME="+home)

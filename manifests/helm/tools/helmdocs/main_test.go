@@ -64,6 +64,7 @@ var changedDefaults = map[string]bool{
 	"readinessProbe":   true,
 	"securityContext":  true,
 	"image.repository": true,
+	"resources":        true,
 }
 
 func chartRows(t *testing.T) map[string]Row {
