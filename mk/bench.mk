@@ -16,9 +16,9 @@ bench: $(BIN)/extractedprism $(BIN)/standin
 		--chart $(CURDIR)/docs/bench/bench.png --json $(CURDIR)/docs/bench/results.json $(BENCH_FLAGS)
 
 ## bench-chaos: run only the chaos scenarios (BENCH_SCENARIOS, default all) and merge them into BENCHMARKS.md and docs/bench/.
-BENCH_SCENARIOS ?= kill,rolling,unready,sigstop,sigterm,silent,allunready
+BENCH_SCENARIOS ?= kill,rolling,unready,sigstop,sigterm,silent,allunready,anonoff,anonoff-token
 bench-chaos: $(BIN)/extractedprism $(BIN)/standin
-	cd test/bench && $(GO) run . --bin $(BIN) --runs 0 --scenarios $(BENCH_SCENARIOS) \
+	cd test/bench && $(GO) run . --bin $(BIN) --runs 0 --slow-readers 0 --scenarios $(BENCH_SCENARIOS) \
 		--merge $(CURDIR)/docs/bench/results.json --out $(CURDIR)/BENCHMARKS.md \
 		--chart $(CURDIR)/docs/bench/bench.png --json $(CURDIR)/docs/bench/results.json $(BENCH_FLAGS)
 

@@ -63,9 +63,22 @@ func (e *env) targets(name string) []string {
 	return []string{balancerAddr[name]}
 }
 
+// balancerMode is how a scenario needs the balancer to run.
+type balancerMode struct {
+	// probeToken gives the balancer's health checks benchToken: a
+	// --probe-bearer-token-file to extractedprism, an Authorization header
+	// in haproxy's check (nginx has no active check).
+	probeToken bool
+}
+
 // startBalancer starts the named balancer and returns once a request through
 // it succeeded, with the time that took. direct returns a nil proc.
 func (e *env) startBalancer(ctx context.Context, name string) (*proc, time.Duration, error) {
+	return e.startBalancerMode(ctx, name, balancerMode{})
+}
+
+// startBalancerMode is startBalancer with the balancer run as mode says.
+func (e *env) startBalancerMode(ctx context.Context, name string, mode balancerMode) (*proc, time.Duration, error) {
 	if name == nameDirect {
 		return nil, 0, nil
 	}
@@ -77,16 +90,27 @@ func (e *env) startBalancer(ctx context.Context, name string) (*proc, time.Durat
 	case nameEP:
 		bin = e.epBin
 		host, port := splitHostPort(balancerAddr[nameEP])
-		_, hport := splitHostPort(epHealthAddr)
+		hhost, hport := splitHostPort(epHealthAddr)
 		args = []string{"run",
 			"--endpoints", strings.Join(e.upstreamAddrs(), ","),
-			"--bind-address", host, "--bind-port", port, "--health-port", hport,
+			"--bind-address", host, "--bind-port", port, "--health-bind-address", hhost, "--health-port", hport,
 			"--health-interval", healthEvery.String(), "--health-timeout", healthEvery.String(),
 			"--drain-timeout", epDrainTimout.String(), "--log-level", e.epLogLevel, "--state-file", "",
 		}
+		if mode.probeToken {
+			f := filepath.Join(e.dir, probeTokenFile)
+			if err := os.WriteFile(f, []byte(benchToken+"\n"), 0o600); err != nil {
+				return nil, 0, fmt.Errorf("write %s: %w", f, err)
+			}
+			ca, err := e.servingCABundle()
+			if err != nil {
+				return nil, 0, err
+			}
+			args = append(args, "--probe-bearer-token-file", f, "--probe-ca-file", ca)
+		}
 	case nameHA:
 		cfg := filepath.Join(e.dir, "haproxy.cfg")
-		if err := os.WriteFile(cfg, []byte(e.haproxyConfig()), 0o644); err != nil { //nolint:gosec // not secret
+		if err := os.WriteFile(cfg, []byte(e.haproxyConfig(mode)), 0o600); err != nil {
 			return nil, 0, fmt.Errorf("write %s: %w", cfg, err)
 		}
 		bin, args = "haproxy", []string{"-db", "-f", cfg}
@@ -123,8 +147,9 @@ func (e *env) startBalancer(ctx context.Context, name string) (*proc, time.Durat
 }
 
 // haproxyConfig is kubespray's haproxy.cfg for the API server load balancer
-// with the check interval shortened to healthEvery.
-func (e *env) haproxyConfig() string {
+// with the check interval shortened to healthEvery; with mode.probeToken
+// its check sends benchToken.
+func (e *env) haproxyConfig(mode balancerMode) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `global
     maxconn                 4000
@@ -154,12 +179,21 @@ backend kube_api_backend
   balance leastconn
   default-server inter %dms downinter %dms rise 2 fall 2 slowstart 60s maxconn 1000 maxqueue 256 weight 100
   option httpchk GET /healthz
-  http-check expect status 200
-`, balancerAddr[nameHA], healthEvery.Milliseconds(), healthEvery.Milliseconds())
+%s  http-check expect status 200
+`, balancerAddr[nameHA], healthEvery.Milliseconds(), healthEvery.Milliseconds(), haproxyCheckSend(mode))
 	for _, u := range e.upstreams {
 		fmt.Fprintf(&b, "  server %s %s check check-ssl verify none\n", u.name, u.addr)
 	}
 	return b.String()
+}
+
+// haproxyCheckSend is the line that adds benchToken to haproxy's check
+// request, when mode asks for it.
+func haproxyCheckSend(mode balancerMode) string {
+	if !mode.probeToken {
+		return ""
+	}
+	return fmt.Sprintf("  http-check send hdr Authorization \"Bearer %s\"\n", benchToken)
 }
 
 // nginxConfig is kubespray's nginx.conf for the API server load balancer
@@ -204,4 +238,26 @@ stream {
 func splitHostPort(a string) (string, string) {
 	i := strings.LastIndexByte(a, ':')
 	return a[:i], a[i+1:]
+}
+
+// servingCABundle writes the stand-ins' self-signed serving certificates
+// into one CA file and returns its path.
+func (e *env) servingCABundle() (string, error) {
+	certs, err := filepath.Glob(filepath.Join(e.dir, servingCertPrefix+"*.pem"))
+	if err != nil || len(certs) == 0 {
+		return "", fmt.Errorf("no serving certificates of the stand-ins in %s (%v)", e.dir, err)
+	}
+	var bundle []byte
+	for _, c := range certs {
+		b, err := os.ReadFile(c) //nolint:gosec // the harness's own files
+		if err != nil {
+			return "", fmt.Errorf("read %s: %w", c, err)
+		}
+		bundle = append(bundle, b...)
+	}
+	f := filepath.Join(e.dir, "probe-ca.pem")
+	if err := os.WriteFile(f, bundle, 0o600); err != nil {
+		return "", fmt.Errorf("write %s: %w", f, err)
+	}
+	return f, nil
 }

@@ -27,6 +27,12 @@ const (
 	// upstream down with the bench's settings: fall (2) x interval (1 s)
 	// + probe timeout (1 s).
 	stopGrace = 3 * time.Second
+	// The unready scenario's load: unreadyClients clients each opening a
+	// new TLS connection per request, unreadyRate requests per second
+	// each, so that traffic flows on the unready upstream until the
+	// balancer avoids it.
+	unreadyClients = 16
+	unreadyRate    = 20
 )
 
 type chaosEvent struct {
@@ -45,15 +51,24 @@ type chaosLoad struct {
 	wg     sync.WaitGroup
 }
 
+// startChaosLoad starts the chaos load through addr: chaosKAWorkers
+// keep-alive and chaosFreshWorkers new-connection clients.
 func startChaosLoad(ctx context.Context, addr string) *chaosLoad {
+	return startLoad(ctx, addr, chaosKAWorkers, chaosFreshWorkers, chaosRate)
+}
+
+// startLoad starts kaClients keep-alive clients and freshClients clients
+// that open a new TLS connection per request, each doing rate GET / per
+// second.
+func startLoad(ctx context.Context, addr string, kaClients, freshClients, rate int) *chaosLoad {
 	ctx, cancel := context.WithCancel(ctx)
 	l := &chaosLoad{cancel: cancel, events: make([]chaosEvent, 0, 1<<15)}
-	for w := range chaosKAWorkers + chaosFreshWorkers {
-		fresh := w >= chaosKAWorkers
+	for w := range kaClients + freshClients {
+		fresh := w >= kaClients
 		l.wg.Go(func() {
 			c := newHTTPClientKA(chaosReqTimeout, !fresh)
 			defer c.CloseIdleConnections()
-			t := time.NewTicker(time.Second / chaosRate)
+			t := time.NewTicker(time.Second / time.Duration(rate))
 			defer t.Stop()
 			for {
 				select {
@@ -125,6 +140,9 @@ type chaosResult struct {
 	RollTotal, RollFailed, RollSlow int
 	UnreadyFresh                    int
 	UnreadyShare                    float64
+	// UnreadyClients is the number of new-connection clients of the
+	// unready scenario; 0 in results of the chaos load's 4.
+	UnreadyClients                  int `json:",omitempty"`
 	StopTotal, StopFailed, StopSlow int
 	StopLateFailed, StopLateSlow    int // requests started stopGrace or later after SIGSTOP
 	TermStreams                     int
@@ -135,6 +153,8 @@ type chaosResult struct {
 	TermAccepted, TermServed        int               // connects accepted after SIGTERM, and of those answered
 	Silent                          *silentResult     `json:",omitempty"`
 	AllUnready                      *allUnreadyResult `json:",omitempty"`
+	AnonOff                         *anonOffResult    `json:",omitempty"`
+	AnonOffToken                    *anonOffResult    `json:",omitempty"`
 	Errors                          []string
 	Failures                        map[string][]string // samples of failed requests per scenario
 }
@@ -142,9 +162,11 @@ type chaosResult struct {
 // scenario is one chaos scenario.
 type scenario struct {
 	name string
-	// handshake is the stand-ins' handshake timeout (0: their default).
-	handshake time.Duration
-	run       func(e *env, ctx context.Context, name string, p *proc, r *chaosResult) error
+	// upstreams is how the stand-ins run (zero: their defaults).
+	upstreams upstreamMode
+	// balancer is how the balancer runs (zero: the harness's defaults).
+	balancer balancerMode
+	run      func(e *env, ctx context.Context, name string, p *proc, r *chaosResult) error
 	// merge copies this scenario's figures from src to dst.
 	merge func(dst, src *chaosResult)
 	// failures is the key of its samples in chaosResult.Failures.
@@ -171,7 +193,9 @@ var scenarios = []scenario{
 		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
 			return e.chaosUnready(ctx, name, r)
 		},
-		merge: func(d, s *chaosResult) { d.UnreadyFresh, d.UnreadyShare = s.UnreadyFresh, s.UnreadyShare }},
+		merge: func(d, s *chaosResult) {
+			d.UnreadyFresh, d.UnreadyShare, d.UnreadyClients = s.UnreadyFresh, s.UnreadyShare, s.UnreadyClients
+		}},
 	{name: "sigstop", failures: "sigstop",
 		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
 			return e.chaosStop(ctx, name, r)
@@ -189,7 +213,7 @@ var scenarios = []scenario{
 			d.TermExit, d.TermRefusedAfter = s.TermExit, s.TermRefusedAfter
 			d.TermAccepted, d.TermServed = s.TermAccepted, s.TermServed
 		}},
-	{name: "silent", failures: "silent", handshake: silentHandshake,
+	{name: "silent", failures: "silent", upstreams: upstreamMode{handshake: silentHandshake},
 		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
 			return e.chaosSilent(ctx, name, r)
 		},
@@ -199,6 +223,16 @@ var scenarios = []scenario{
 			return e.chaosAllUnready(ctx, name, r)
 		},
 		merge: func(d, s *chaosResult) { d.AllUnready = s.AllUnready }},
+	{name: "anonoff", failures: "anonoff", upstreams: upstreamMode{auth: true},
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosAnonOff(ctx, name, "anonoff", &r.AnonOff, r)
+		},
+		merge: func(d, s *chaosResult) { d.AnonOff = s.AnonOff }},
+	{name: "anonoff-token", failures: "anonoff-token", upstreams: upstreamMode{auth: true}, balancer: balancerMode{probeToken: true},
+		run: func(e *env, ctx context.Context, name string, _ *proc, r *chaosResult) error {
+			return e.chaosAnonOff(ctx, name, "anonoff-token", &r.AnonOffToken, r)
+		},
+		merge: func(d, s *chaosResult) { d.AnonOffToken = s.AnonOffToken }},
 }
 
 // scenarioNames lists every scenario's name.
@@ -239,7 +273,7 @@ func (e *env) chaos(ctx context.Context, log *slog.Logger, name string, chosen [
 			continue
 		}
 		log.Info("chaos", "balancer", name, "scenario", s.name)
-		if err := e.useUpstreams(ctx, s.handshake); err != nil {
+		if err := e.useUpstreams(ctx, s.upstreams); err != nil {
 			r.Errors = append(r.Errors, fmt.Sprintf("%s: upstreams: %v", s.name, err))
 			continue
 		}
@@ -247,7 +281,7 @@ func (e *env) chaos(ctx context.Context, log *slog.Logger, name string, chosen [
 			r.Errors = append(r.Errors, fmt.Sprintf("%s: heal upstreams: %v", s.name, err))
 			continue
 		}
-		p, _, err := e.startBalancer(ctx, name)
+		p, _, err := e.startBalancerMode(ctx, name, s.balancer)
 		if err != nil {
 			r.Errors = append(r.Errors, fmt.Sprintf("%s: %v", s.name, err))
 			continue
@@ -263,17 +297,17 @@ func (e *env) chaos(ctx context.Context, log *slog.Logger, name string, chosen [
 	return r
 }
 
-// useUpstreams (re)starts the stand-ins whose handshake timeout is not the
-// one a scenario needs.
-func (e *env) useUpstreams(ctx context.Context, handshake time.Duration) error {
+// useUpstreams (re)starts the stand-ins that do not run as a scenario
+// needs.
+func (e *env) useUpstreams(ctx context.Context, mode upstreamMode) error {
 	for _, u := range e.upstreams {
-		if u.handshake == handshake && u.p != nil && !u.p.exited() {
+		if u.upstreamMode == mode && u.p != nil && !u.p.exited() {
 			continue
 		}
 		if u.p != nil {
 			u.p.stop(5 * time.Second)
 		}
-		u.handshake = handshake
+		u.upstreamMode = mode
 		if err := u.start(ctx); err != nil {
 			return err
 		}
@@ -364,10 +398,13 @@ func (e *env) chaosRolling(ctx context.Context, name string, r *chaosResult) err
 }
 
 // chaosUnready: one upstream answers 500 on /readyz (its /healthz stays
-// 200, as kube-apiserver's does while shutting down) and keeps serving;
-// after 5 s, count which upstream new connections reach for 5 s.
+// 200, as kube-apiserver's does while shutting down) and keeps serving,
+// under a load of unreadyClients clients that each open a new connection
+// per request, so traffic keeps flowing on the unready upstream until the
+// balancer avoids it; after 5 s, count which upstream new connections
+// reach for 5 s.
 func (e *env) chaosUnready(ctx context.Context, name string, r *chaosResult) error {
-	l := startChaosLoad(ctx, e.targets(name)[0])
+	l := startLoad(ctx, e.targets(name)[0], 0, unreadyClients, unreadyRate)
 	sleepCtx(ctx, time.Second)
 	c := newHTTPClient(5 * time.Second)
 	defer c.CloseIdleConnections()
@@ -391,7 +428,7 @@ func (e *env) chaosUnready(ctx context.Context, name string, r *chaosResult) err
 			toU++
 		}
 	}
-	r.UnreadyFresh = fresh
+	r.UnreadyFresh, r.UnreadyClients = fresh, unreadyClients
 	if fresh > 0 {
 		r.UnreadyShare = float64(toU) / float64(fresh)
 	}

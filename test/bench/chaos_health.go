@@ -436,7 +436,28 @@ func mergeResults(prev, cur results, ran []string, perf bool) results {
 		out.Notes["chaos"] = append(out.Notes["chaos"], fmt.Sprintf("the %s scenarios were measured on %s with %s and merged into the figures of the run of %s.",
 			strings.Join(ran, ", "), cur.Machine.Date, cur.Machine.ExtractedPrism, prev.Machine.Date))
 	}
+	mergeSlow(&out, prev, cur)
 	return out
+}
+
+// mergeSlow keeps the slow-reader figures of the run that measured them
+// last: this one's if it did, else the earlier run's.
+func mergeSlow(out *results, prev, cur results) {
+	from := prev.Slow
+	if len(cur.Slow) > 0 {
+		from = cur.Slow
+	}
+	out.Slow = from
+	// out.Median is a map shared with prev or cur: write a copy.
+	med := make(map[string]perfResult, len(out.Median))
+	for s, m := range out.Median {
+		m.SlowRSSKiB, m.SlowPSSKiB = 0, 0
+		if r, ok := from[s]; ok {
+			m.SlowRSSKiB, m.SlowPSSKiB = r.RSSPerReader(), r.PSSPerReader()
+		}
+		med[s] = m
+	}
+	out.Median = med
 }
 
 // String renders the figures for the harness's log.

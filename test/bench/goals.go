@@ -53,8 +53,14 @@ func (g *goal) judge() {
 	}
 }
 
+// idleKiBLimit is the most memory an idle proxied connection may cost
+// (KiB PSS): under the 64 MiB memory limit of the chart and the static
+// pod, ten thousand idle watches must leave most of it free.
+const idleKiBLimit = 2
+
 // evalGoals checks extractedprism against the data-path goals: memory per
-// idle connection at most haproxy's; CPU per keep-alive request (with the
+// idle connection at most haproxy's and at most idleKiBLimit; RSS growth
+// per slow reader at most haproxy's; CPU per keep-alive request (with the
 // Go load generator and with wrk) at most the better of haproxy and nginx;
 // wrk keep-alive throughput and new TLS connections/s at least haproxy's;
 // bulk throughput with 1 and 4 streams at least the baseline run's.
@@ -90,8 +96,13 @@ func evalGoals(res results) []goal {
 	}
 	vsHA := func(get func(perfResult) float64) (float64, string) { return get(ha), nameHA }
 	vsBase := func(get func(perfResult) float64) (float64, string) { return get(before), baseName }
+	limit := func(v float64, name string) func(func(perfResult) float64) (float64, string) {
+		return func(func(perfResult) float64) (float64, string) { return v, name }
+	}
 	specs := []spec{
 		{"Memory per idle proxied connection ≤ haproxy's", "KiB PSS", 1, false, func(r perfResult) float64 { return r.IdleKiB }, vsHA},
+		{"Memory per idle proxied connection ≤ 2 KiB", "KiB PSS", 1, false, func(r perfResult) float64 { return r.IdleKiB }, limit(idleKiBLimit, "limit")},
+		{"Memory per slow reader ≤ haproxy's", "KiB RSS", 1, false, func(r perfResult) float64 { return r.SlowRSSKiB }, vsHA},
 		{"CPU per 10k keep-alive requests, Go load generator, ≤ the better of haproxy and nginx", "CPU s", 3, false, func(r perfResult) float64 { return r.CPUPer10k }, better},
 		{"CPU per 10k keep-alive requests, wrk, ≤ the better of haproxy and nginx", "CPU s", 3, false, func(r perfResult) float64 { return r.WrkCPUPer10k }, better},
 		{"Keep-alive requests/s under wrk ≥ haproxy's", "req/s", 0, true, func(r perfResult) float64 { return r.WrkRps }, vsHA},

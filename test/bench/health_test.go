@@ -92,3 +92,90 @@ func TestPickScenarios(t *testing.T) {
 		t.Errorf("unknown scenario error = %v", err)
 	}
 }
+
+func TestUnreadyLoadInReport(t *testing.T) {
+	res := sampleResults()
+	ep := res.Chaos[nameEP]
+	ep.UnreadyClients, ep.UnreadyShare, ep.UnreadyFresh = unreadyClients, 0.125, 1600
+	res.Chaos[nameEP] = ep
+	ha := res.Chaos[nameHA]
+	ha.UnreadyClients = unreadyClients
+	res.Chaos[nameHA] = ha
+	md := renderMarkdown(res, "b.png")
+	for _, want := range []string{
+		"16 clients each opening a new TLS connection per request: share of new connections sent to it 5-10 s later | 12% of 1600 | 30% of 50 |",
+		"16 clients each opening a new TLS connection per request, 20 requests/s each",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+	// Results from before the scenario had its own load render as they did.
+	if md := renderMarkdown(sampleResults(), "b.png"); strings.Contains(md, "clients each opening") ||
+		!strings.Contains(md, "| One upstream `/readyz` 500 (`/healthz` 200, still serving): share of new connections sent to it 5-10 s later | 0% of 50 | 30% of 50 |") {
+		t.Errorf("report of older results changed:\n%s", md)
+	}
+}
+
+func TestAnonOffInReport(t *testing.T) {
+	res := sampleResults()
+	ep := res.Chaos[nameEP]
+	ep.AnonOff = &anonOffResult{Seconds: 10, Total: 2000, Bad: 150, All: 4000, Failed: 300, OKRate: 370, ReadyzShare: 0.1}
+	ep.AnonOffToken = &anonOffResult{ProbeToken: true, Seconds: 10, Total: 2000, All: 4000, OKRate: 400, ReadyzShare: 1}
+	ep.Failures = map[string][]string{"anonoff": {"keep-alive client, +5.1 s after anonoff, after 10.0 s: timeout"}}
+	res.Chaos[nameEP] = ep
+	ha := res.Chaos[nameHA]
+	ha.AnonOff = &anonOffResult{Seconds: 10, Total: 2000, Bad: 2000, All: 4000, Failed: 4000, ReadyzShare: -1}
+	res.Chaos[nameHA] = ha
+	dir := t.TempDir()
+	o := options{out: filepath.Join(dir, "B.md"), chart: filepath.Join(dir, "b.png"), jsonOut: filepath.Join(dir, "r.json")}
+	if err := writeOutputs(o, res); err != nil {
+		t.Fatalf("writeOutputs: %v", err)
+	}
+	b, err := os.ReadFile(o.out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	for _, want := range []string{
+		"balancers check without credentials, one upstream SIGSTOPped for 10 s: failed or slow (>1 s) 5-10 s in | 7.5% (150 of 2000) | 100.0% (2000 of 2000) |",
+		"… successful requests/s during the stop (failed / requests) | 370 (300 / 4000) | 0 (4000 / 4000) |",
+		"… balancer's `/readyz` answering 200 | 10% of the time | n/a |",
+		"haproxy `http-check send hdr Authorization`; nginx has no check): failed or slow 5-10 s in | 0.0% (0 of 2000) | – |",
+		"… successful requests/s during the stop (failed / requests) | 400 (0 / 4000) | – |",
+		"… balancer's `/readyz` answering 200 | 100% of the time | – |",
+		"extractedprism, keep-alive client, +5.1 s after anonoff",
+		"With anonymous authentication off, checking without credentials, a SIGSTOPped upstream costs no failed or slow request 5-10 s after the stop: missed (150 of 2000; haproxy 2000 of 2000, nginx not measured).",
+		"With anonymous authentication off, checking with a bearer token, a SIGSTOPped upstream costs no failed or slow request 5-10 s after the stop: met (0 of 2000; haproxy not measured, nginx not measured).",
+		"With anonymous authentication off the stand-ins run `--anonymous-auth=false`",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+
+	// Results from before these scenarios render without their rows.
+	old := sampleResults()
+	if md := renderMarkdown(old, "b.png"); strings.Contains(md, "nonymous authentication off") {
+		t.Errorf("report of results without the scenarios mentions them:\n%s", md)
+	}
+
+	// A chaos-only run of one variant merges into earlier figures.
+	cur := results{Machine: machine{Date: "2026-02-02 00:00 UTC"}, Chaos: map[string]chaosResult{nameEP: {AnonOff: ep.AnonOff, AnonOffToken: ep.AnonOffToken, UnreadyFresh: 1600}}}
+	got := mergeResults(old, cur, []string{"anonoff"}, false)
+	if c := got.Chaos[nameEP]; c.AnonOff == nil || c.AnonOff.Bad != 150 || c.AnonOffToken != nil || c.UnreadyFresh != 50 {
+		t.Errorf("merged anonoff: %+v, token variant %+v, unready fresh %d; want only the anonoff figures replaced", c.AnonOff, c.AnonOffToken, c.UnreadyFresh)
+	}
+}
+
+func TestHAProxyCheckToken(t *testing.T) {
+	e := &env{upstreams: []*upstream{{name: "a", addr: "127.0.20.1:16443"}}}
+	if cfg := e.haproxyConfig(balancerMode{}); strings.Contains(cfg, "Authorization") {
+		t.Errorf("haproxy config without a probe token sends one:\n%s", cfg)
+	}
+	cfg := e.haproxyConfig(balancerMode{probeToken: true})
+	want := "  option httpchk GET /healthz\n  http-check send hdr Authorization \"Bearer " + benchToken + "\"\n  http-check expect status 200\n"
+	if !strings.Contains(cfg, want) {
+		t.Errorf("haproxy config with a probe token lacks\n%s\nin\n%s", want, cfg)
+	}
+}

@@ -16,10 +16,22 @@ import (
 	"time"
 )
 
+// clientCert is the client certificate the harness's clients present when
+// a stand-in asks for one (the scenarios with anonymous authentication
+// off), as kubelets authenticate; nil until such stand-ins wrote it.
+var clientCert atomic.Pointer[tls.Certificate]
+
 // tlsConf is what every client of the harness uses: the stand-ins present
 // self-signed certificates and the harness measures transport, not PKI.
+// A stand-in that verifies client certificates gets clientCert.
 func tlsConf() *tls.Config {
-	return &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12} //nolint:gosec // self-signed stand-ins on loopback
+	return &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12, //nolint:gosec // self-signed stand-ins on loopback
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			if c := clientCert.Load(); c != nil {
+				return c, nil
+			}
+			return &tls.Certificate{}, nil
+		}}
 }
 
 // httpClient speaks HTTP/1.1 over one keep-alive connection per client
@@ -86,6 +98,11 @@ type perfResult struct {
 	GoroutinesPerConn float64 `json:"goroutines_per_conn,omitempty"`
 	StackKiBPerConn   float64 `json:"stack_kib_per_conn,omitempty"`
 	HeapKiBPerConn    float64 `json:"heap_kib_per_conn,omitempty"`
+	// Growth of the balancer's RSS and PSS per slow reader (a client
+	// downloading through it while reading slowly), peak minus base; set
+	// on the medians only, from the one slow-reader measurement of a run.
+	SlowRSSKiB float64 `json:"slow_rss_kib_per_reader,omitempty"`
+	SlowPSSKiB float64 `json:"slow_pss_kib_per_reader,omitempty"`
 }
 
 // keepAlive runs workers keep-alive clients doing GET / for d and returns

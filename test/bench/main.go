@@ -57,6 +57,11 @@ type options struct {
 	baseline  string
 	epBin     string
 	profile   string
+	// Slow readers: how many, the rate each reads at (bytes/s) and how
+	// long they are held once all are open.
+	slowReaders int
+	slowRate    int64
+	slowHold    time.Duration
 }
 
 func main() {
@@ -79,6 +84,9 @@ func main() {
 	flag.StringVar(&o.baseline, "baseline", "", "results.json of an earlier run whose extractedprism figures the goals compare with (default: the --merge file)")
 	flag.StringVar(&o.epBin, "ep-bin", "", "extractedprism binary to measure (default: extractedprism in --bin)")
 	flag.StringVar(&o.profile, "profile", "", "profile the first set-up of --only (default extractedprism) under wrk keep-alive load and with idle connections, write the report to this file, and nothing else")
+	flag.IntVar(&o.slowReaders, "slow-readers", 300, "clients that download through each balancer while reading slowly, for the memory per slow reader; 0 skips that measurement")
+	flag.Int64Var(&o.slowRate, "slow-rate", 256<<10, "bytes/s each slow reader reads")
+	flag.DurationVar(&o.slowHold, "slow-hold", 10*time.Second, "how long the slow readers keep reading once all are open")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -109,6 +117,8 @@ type results struct {
 	Notes    map[string][]string      `json:"notes,omitempty"`
 	Spread   map[string]map[string]mm `json:"spread,omitempty"`
 	Starts   map[string][]float64     `json:"start_ready_ms,omitempty"`
+	// Slow is the slow-reader measurement of each balancer.
+	Slow map[string]slowResult `json:"slow_readers,omitempty"`
 	// Baseline is extractedprism in an earlier run (--baseline), the
 	// reference of the goals that must not regress.
 	Baseline *baseline `json:"baseline,omitempty"`
@@ -264,6 +274,11 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		"nc_workers": fmt.Sprint(ncWorkers), "idle_conns": fmt.Sprint(idleTarget),
 		"health_interval": healthEvery.String(), "chaos_load": fmt.Sprintf("%d keep-alive + %d new-connection clients, %d req/s each", chaosKAWorkers, chaosFreshWorkers, chaosRate),
 	}
+	if o.slowReaders > 0 {
+		res.Params["slow_readers"] = fmt.Sprint(o.slowReaders)
+		res.Params["slow_rate"] = fmt.Sprintf("%d KiB/s", o.slowRate>>10)
+		res.Params["slow_hold"] = o.slowHold.String()
+	}
 	if o.wrk != "" {
 		res.Params["wrk"] = "wrk " + strings.Join(wrkArgs("<target>", wrkThreads, wrkConns, o.dur), " ")
 	}
@@ -307,6 +322,14 @@ func run(ctx context.Context, log *slog.Logger, o options) error {
 		if st := res.Starts[s]; len(st) > 0 {
 			m := res.Median[s]
 			m.StartReady = median(st)
+			res.Median[s] = m
+		}
+	}
+	if o.slowReaders > 0 {
+		res.Slow = e.slowAll(ctx, log, setups, o.slowReaders, o.slowRate, o.slowHold)
+		for s, r := range res.Slow {
+			m := res.Median[s]
+			m.SlowRSSKiB, m.SlowPSSKiB = r.RSSPerReader(), r.PSSPerReader()
 			res.Median[s] = m
 		}
 	}

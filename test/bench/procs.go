@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -156,20 +157,33 @@ func (p *proc) cpuSeconds() float64 {
 // pssKiB is the proportional set size of the group (shared pages counted
 // once across its processes).
 func (p *proc) pssKiB() int64 {
-	var total int64
+	_, pss := p.memKiB()
+	return pss
+}
+
+// memKiB is the resident and the proportional set size of the group's live
+// processes (from /proc/PID/smaps_rollup), KiB. RSS counts a page shared
+// by several of them once per process, PSS once in all.
+func (p *proc) memKiB() (rss, pss int64) {
 	for _, pid := range p.groupPIDs() {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/smaps_rollup")
 		if err != nil {
 			continue
 		}
 		for line := range strings.SplitSeq(string(b), "\n") {
-			if rest, ok := strings.CutPrefix(line, "Pss:"); ok {
-				v, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-				total += v
+			k, v, ok := strings.Cut(line, ":")
+			if !ok || (k != "Rss" && k != "Pss") {
+				continue
+			}
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if k == "Rss" {
+				rss += n
+			} else {
+				pss += n
 			}
 		}
 	}
-	return total
+	return rss, pss
 }
 
 // upstream is one stand-in apiserver process.
@@ -180,16 +194,51 @@ type upstream struct {
 	dir  string
 	p    *proc
 	log  *slog.Logger
+	upstreamMode
+}
+
+// upstreamMode is how a scenario needs the stand-ins to run.
+type upstreamMode struct {
 	// handshake, when set, is the stand-in's --handshake-timeout (how long
 	// a connection may take to send its TLS handshake and request headers).
 	handshake time.Duration
+	// auth runs the stand-in with --anonymous-auth=false: requests need
+	// benchToken or the client certificate of the work directory's
+	// client CA.
+	auth bool
 }
+
+// benchToken is the bearer token the stand-ins accept with anonymous
+// authentication off; probeTokenFile, in the work directory, holds it for
+// the balancers' probes, and clientPKIDir there the client CA, certificate
+// and key the first such stand-in writes.
+const (
+	benchToken     = "bench-probe-token-0123456789"
+	probeTokenFile = "probe-token"
+	clientPKIDir   = "client-pki"
+	// servingCertPrefix names the serving certificates that stand-ins
+	// with authentication write, so that a balancer sending a token can
+	// verify them (a token goes only to a verified apiserver).
+	servingCertPrefix = "serving-"
+)
 
 // start runs the stand-in and returns once it printed its listening line.
 func (u *upstream) start(ctx context.Context) error {
 	args := []string{"--listen", u.addr, "--name", u.name, "--live-while-unready", "--log-level", "warn"}
 	if u.handshake > 0 {
 		args = append(args, "--handshake-timeout", u.handshake.String())
+	}
+	pki := filepath.Join(u.dir, clientPKIDir)
+	if u.auth {
+		args = append(args, "--anonymous-auth=false", "--token", benchToken,
+			"--cert-out", filepath.Join(u.dir, servingCertPrefix+u.name+".pem"))
+		// The first stand-in writes the client CA and certificate, the
+		// others (and its own later starts) trust that CA.
+		if _, err := os.Stat(filepath.Join(pki, "ca.crt")); err == nil {
+			args = append(args, "--client-ca-file", filepath.Join(pki, "ca.crt"))
+		} else {
+			args = append(args, "--client-cert-out", pki)
+		}
 	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -219,6 +268,13 @@ func (u *upstream) start(ctx context.Context) error {
 		if !ok || !strings.Contains(l, "listening on") {
 			p.stop(time.Second)
 			return fmt.Errorf("upstream %s on %s did not start (see %s): first line %q", u.name, u.addr, p.log.Name(), l)
+		}
+		if u.auth && clientCert.Load() == nil {
+			c, err := tls.LoadX509KeyPair(filepath.Join(pki, "client.crt"), filepath.Join(pki, "client.key"))
+			if err != nil {
+				return fmt.Errorf("upstream %s: client certificate: %w", u.name, err)
+			}
+			clientCert.Store(&c)
 		}
 		return nil
 	case <-t.C:

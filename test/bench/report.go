@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -82,16 +83,22 @@ var metrics = []metric{
 	{"Balancer CPU per 10k keep-alive requests, wrk", "CPU per 10k requests, wrk", "CPU s", false, false, func(r perfResult) float64 { return r.WrkCPUPer10k }, 3},
 	{"Balancer memory per idle connection", "Memory per idle conn", "KiB PSS", false, false, func(r perfResult) float64 { return r.IdleKiB }, 1},
 	{"Start to first proxied answer", "Start to first answer", "ms", false, false, func(r perfResult) float64 { return r.StartReady }, 0},
+	{"Balancer memory per slow reader, RSS", "RSS per slow reader", "KiB RSS", false, false, func(r perfResult) float64 { return r.SlowRSSKiB }, 1},
+	{"Balancer memory per slow reader, PSS", "PSS per slow reader", "KiB PSS", false, false, func(r perfResult) float64 { return r.SlowPSSKiB }, 1},
 }
 
 // byWrk tells the figures of the wrk load, which older results and runs
 // without wrk lack.
 func (mt metric) byWrk() bool { return strings.HasSuffix(mt.title, ", wrk") }
 
-// shown tells whether a row belongs in the report: a wrk row only when
-// some set-up has the figure.
+// bySlow tells the figures of the slow-reader measurement, which older
+// results and runs with --slow-readers 0 lack.
+func (mt metric) bySlow() bool { return strings.Contains(mt.title, "per slow reader") }
+
+// shown tells whether a row belongs in the report: a wrk or slow-reader
+// row only when some set-up has the figure.
 func (mt metric) shown(res results) bool {
-	if !mt.byWrk() {
+	if !mt.byWrk() && !mt.bySlow() {
 		return true
 	}
 	for _, s := range res.Setups {
@@ -157,7 +164,11 @@ func renderMarkdown(res results, chartRel string) string {
 		w("wrk: the same keep-alive load from a C client with its own OpenSSL, `%s` (for direct one wrk per stand-in at the same time, sharing the threads and connections; their rates add up and the latency is the worst of the three); it spends less CPU per request than the Go load generator and so leaves more of the cores to the balancer. ", c)
 	}
 	w("CPU: user+system seconds of the balancer's processes (from /proc) during the keep-alive measurement (and during the wrk one), per 10,000 requests. Memory: growth of the balancer's proportional set size (PSS, from /proc/PID/smaps_rollup) with %s idle proxied TLS connections open, per connection. ", res.Params["idle_conns"])
-	w("Start: from exec to the first answer proxied to a client, median of %d cold starts (each idle-memory measurement uses a freshly started balancer).\n\n", startSamples+len(res.Runs[nameHA]))
+	w("Start: from exec to the first answer proxied to a client, median of %d cold starts (each idle-memory measurement uses a freshly started balancer).", startSamples+len(res.Runs[nameHA]))
+	if len(res.Slow) > 0 {
+		w(" Slow readers (measured once per run, not in rounds): %s; the RSS and PSS rows are the peak minus the base per reader.", slowDescription(res))
+	}
+	w("\n\n")
 	hdr := "| Figure |"
 	sep := "|---|"
 	for _, s := range res.Setups {
@@ -180,7 +191,11 @@ func renderMarkdown(res results, chartRel string) string {
 				w(" – |")
 				continue
 			}
-			w(" %s |", fmtNum(mt.get(r), mt.prec))
+			if v := mt.get(r); v != 0 || !mt.bySlow() {
+				w(" %s |", fmtNum(v, mt.prec))
+			} else {
+				w(" – |")
+			}
 		}
 		w("\n")
 	}
@@ -279,7 +294,11 @@ func renderMarkdown(res results, chartRel string) string {
 		row("Rolling restart of all three (SIGTERM, 1 s down, wait 3 s): failed / slow / requests", func(c chaosResult) string {
 			return fmt.Sprintf("%d / %d / %d", c.RollFailed, c.RollSlow, c.RollTotal)
 		})
-		row("One upstream `/readyz` 500 (`/healthz` 200, still serving): share of new connections sent to it 5-10 s later", func(c chaosResult) string {
+		unreadyTitle := "One upstream `/readyz` 500 (`/healthz` 200, still serving): share of new connections sent to it 5-10 s later"
+		if n := unreadyClientsOf(res); n > 0 {
+			unreadyTitle = fmt.Sprintf("One upstream `/readyz` 500 (`/healthz` 200, still serving), %d clients each opening a new TLS connection per request: share of new connections sent to it 5-10 s later", n)
+		}
+		row(unreadyTitle, func(c chaosResult) string {
 			return fmt.Sprintf("%.0f%% of %d", 100*c.UnreadyShare, c.UnreadyFresh)
 		})
 		row("One upstream SIGSTOPped for 12 s: failed / slow / requests", func(c chaosResult) string {
@@ -358,16 +377,56 @@ func renderMarkdown(res results, chartRel string) string {
 			}
 			return fmt.Sprintf("%.0f%% of the time", 100*a.ReadyzShare)
 		}))
+		for _, v := range []struct {
+			title string
+			get   func(chaosResult) *anonOffResult
+		}{
+			{fmt.Sprintf("Anonymous authentication off (401 without credentials; the clients use a client certificate), balancers check without credentials, one upstream SIGSTOPped for %.0f s: failed or slow (>1 s) %.0f-%.0f s in", anonOffStop.Seconds(), anonOffFrom.Seconds(), anonOffTo.Seconds()),
+				func(c chaosResult) *anonOffResult { return c.AnonOff }},
+			{"… the same with a bearer token in the checks (extractedprism `--probe-bearer-token-file`, haproxy `http-check send hdr Authorization`; nginx has no check): failed or slow 5-10 s in",
+				func(c chaosResult) *anonOffResult { return c.AnonOffToken }},
+		} {
+			if !slices.ContainsFunc(cs, func(b string) bool { return v.get(res.Chaos[b]) != nil }) {
+				continue
+			}
+			anon := func(f func(*anonOffResult) string) func(chaosResult) string {
+				return func(c chaosResult) string {
+					if a := v.get(c); a != nil {
+						return f(a)
+					}
+					return "–"
+				}
+			}
+			row(v.title, anon(func(a *anonOffResult) string {
+				return fmt.Sprintf("%.1f%% (%d of %d)", 100*a.BadShare(), a.Bad, a.Total)
+			}))
+			row("… successful requests/s during the stop (failed / requests)", anon(func(a *anonOffResult) string {
+				return fmt.Sprintf("%.0f (%d / %d)", a.OKRate, a.Failed, a.All)
+			}))
+			row("… balancer's `/readyz` answering 200", anon(func(a *anonOffResult) string {
+				if a.ReadyzShare < 0 {
+					return "n/a"
+				}
+				return fmt.Sprintf("%.0f%% of the time", 100*a.ReadyzShare)
+			}))
+		}
 		w("\nextractedprism ran with `--drain-timeout %s`. ", epDrainTimout)
 		w("haproxy treats SIGTERM as an immediate stop (its graceful stop is SIGUSR1) and nginx as a fast shutdown (graceful is SIGQUIT); SIGTERM is what the kubelet sends a static pod. ")
 		w("In the silent-client scenario the stand-ins run with `--handshake-timeout %.0fs` (Go's `ReadHeaderTimeout`, which covers the TLS handshake; kube-apiserver uses 32 s), so each closes a silent connection after %.0f s; haproxy and nginx have no readiness endpoint of their own (n/a). ", silentHandshake.Seconds(), silentHandshake.Seconds())
-		w("In the all-unready scenario only `/readyz` fails: haproxy checks `/healthz` (kubespray's setting), which a real kube-apiserver also fails while etcd is away, and nginx checks nothing, so neither reacts here.\n\n")
+		w("In the all-unready scenario only `/readyz` fails: haproxy checks `/healthz` (kubespray's setting), which a real kube-apiserver also fails while etcd is away, and nginx checks nothing, so neither reacts here.")
+		if unreadyClientsOf(res) > 0 {
+			w(" The one-unready scenario runs its own load, %d clients each opening a new TLS connection per request, %d requests/s each, so traffic flows on the unready upstream until the balancer avoids it.", unreadyClientsOf(res), unreadyRate)
+		}
+		if anonOffMeasured(res) {
+			w(" With anonymous authentication off the stand-ins run `--anonymous-auth=false` and answer 401 with kube-apiserver's Status body to every request without credentials, health checks included; the load clients present a client certificate, like kubelets. haproxy's `/healthz` check then fails unless it sends a token, and nginx has no check to fail. The stopped upstream is SIGCONTed after %.0f s; the readiness share covers the 2 s of load before the stop and the stop.", anonOffStop.Seconds())
+		}
+		w("\n\n")
 		w("Samples of the failed requests (time since the fault was injected, then how long the request took):\n\n")
 		for _, s := range cs {
 			for _, e := range res.Chaos[s].Errors {
 				w("- %s: scenario error: %s\n", s, e)
 			}
-			for _, k := range []string{"kill", "rolling", "sigstop", "silent", "allunready"} {
+			for _, k := range []string{"kill", "rolling", "sigstop", "silent", "allunready", "anonoff", "anonoff-token"} {
 				for _, f := range res.Chaos[s].Failures[k] {
 					w("- %s, %s\n", s, f)
 				}
@@ -449,12 +508,55 @@ func conclusions(res results) []string {
 			out = append(out, fmt.Sprintf("%d silent clients mark no upstream down and `/readyz` stays 200: %s (200 %.0f%% of the time, %d upstreams marked down, %d of %d requests failed).",
 				s.Clients, verdict(s.Downs == 0 && s.ReadyzShare == 1 && s.Failed == 0), 100*s.ReadyzShare, s.Downs, s.Failed, s.Total))
 		}
+		for _, a := range []*anonOffResult{c.AnonOff, c.AnonOffToken} {
+			if a == nil {
+				continue
+			}
+			how := "checking without credentials"
+			if a.ProbeToken {
+				how = "checking with a bearer token"
+			}
+			out = append(out, fmt.Sprintf("With anonymous authentication off, %s, a SIGSTOPped upstream costs no failed or slow request %.0f-%.0f s after the stop: %s (%d of %d; haproxy %s, nginx %s).",
+				how, anonOffFrom.Seconds(), anonOffTo.Seconds(), verdict(a.Bad == 0 && a.Total > 0), a.Bad, a.Total, anonOffOf(res, nameHA, a.ProbeToken), anonOffOf(res, nameNginx, a.ProbeToken)))
+		}
 		if a := c.AllUnready; a != nil {
 			out = append(out, fmt.Sprintf("Every upstream unready (an etcd outage) cuts no stream and fails no request: %s (%d of %d streams cut, %d of %d requests failed; haproxy %s, nginx %s).",
 				verdict(a.Cut == 0 && a.Failed == 0 && a.Total > 0), a.Cut, a.Streams, a.Failed, a.Total, allUnreadyOf(res, nameHA), allUnreadyOf(res, nameNginx)))
 		}
 	}
 	return out
+}
+
+// unreadyClientsOf is the new-connection clients of the unready scenario
+// in res (0: results from before it had a load of its own).
+func unreadyClientsOf(res results) int {
+	for _, c := range res.Chaos {
+		if c.UnreadyClients > 0 {
+			return c.UnreadyClients
+		}
+	}
+	return 0
+}
+
+func anonOffMeasured(res results) bool {
+	for _, c := range res.Chaos {
+		if c.AnonOff != nil || c.AnonOffToken != nil {
+			return true
+		}
+	}
+	return false
+}
+
+func anonOffOf(res results, s string, token bool) string {
+	c, ok := res.Chaos[s]
+	a := c.AnonOff
+	if token {
+		a = c.AnonOffToken
+	}
+	if !ok || a == nil {
+		return "not measured"
+	}
+	return fmt.Sprintf("%d of %d", a.Bad, a.Total)
 }
 
 func allUnreadyOf(res results, s string) string {
@@ -574,6 +676,12 @@ func renderChart(path string, res results) error {
 				return 0, false
 			}
 			return 100 * c.Silent.ReadyzShare, true
+		})
+		opt("% failed or slow: anon auth off + SIGSTOP ↓", 1, func(c chaosResult) (float64, bool) {
+			if c.AnonOff == nil {
+				return 0, false
+			}
+			return 100 * c.AnonOff.BadShare(), true
 		})
 		opt(fmt.Sprintf("Streams cut of %d: all upstreams unready ↓", allUnreadyStreams), 0, func(c chaosResult) (float64, bool) {
 			if c.AllUnready == nil {

@@ -128,9 +128,11 @@ func TestGoals(t *testing.T) {
 	}
 	set(nameEP, func(m *perfResult) {
 		m.IdleKiB, m.CPUPer10k, m.WrkCPUPer10k, m.WrkRps, m.NewConnRate, m.Bulk1MBs, m.Bulk4MBs = 18, 0.30, 0.21, 15000, 890, 700, 800
+		m.SlowRSSKiB = 12
 	})
 	set(nameHA, func(m *perfResult) {
 		m.IdleKiB, m.CPUPer10k, m.WrkCPUPer10k, m.WrkRps, m.NewConnRate = 3.5, 0.28, 0.25, 16000, 900
+		m.SlowRSSKiB = 20
 	})
 	set(nameNginx, func(m *perfResult) { m.CPUPer10k, m.WrkCPUPer10k = 0.26, 0.26 })
 
@@ -157,10 +159,12 @@ func TestGoals(t *testing.T) {
 
 	// No baseline: the bulk goals cannot be judged.
 	gs := byName(evalGoals(res))
-	if len(gs) != 7 {
-		t.Fatalf("%d goals, want 7", len(gs))
+	if len(gs) != 9 {
+		t.Fatalf("%d goals, want 9", len(gs))
 	}
-	want(gs, "Memory per idle", goalNotMet, nameHA, 3.5)
+	want(gs, "Memory per idle proxied connection ≤ haproxy's", goalNotMet, nameHA, 3.5)
+	want(gs, "Memory per idle proxied connection ≤ 2 KiB", goalNotMet, "limit", 2)
+	want(gs, "Memory per slow reader", goalMet, nameHA, 20)
 	// The better of the two is nginx for the Go generator, haproxy for wrk.
 	want(gs, "CPU per 10k keep-alive requests, Go", goalNotMet, nameNginx, 0.26)
 	want(gs, "CPU per 10k keep-alive requests, wrk", goalMet, nameHA, 0.25)
@@ -193,7 +197,9 @@ func TestGoals(t *testing.T) {
 		"| Bulk download, 4 streams, not lower than before | 800 MB/s | 790 (before) | 1.01 | **met** | 790 MB/s |",
 		"| New TLS connections/s ≥ haproxy's | 890 conn/s | – | – | not measured | – |",
 		"baseline run of 2025-12-01 00:00 UTC: v0.9.0.",
-		"2 of 7 goals met, 3 not measured.",
+		"| Memory per idle proxied connection ≤ 2 KiB | 18.0 KiB PSS | 2.0 (limit) | 9.00 | not met | 19.0 KiB PSS |",
+		"| Memory per slow reader ≤ haproxy's | 12.0 KiB RSS | – | – | not measured | – |",
+		"2 of 9 goals met, 4 not measured.",
 	} {
 		if !strings.Contains(b.String(), s) {
 			t.Errorf("goals table lacks %q:\n%s", s, b.String())

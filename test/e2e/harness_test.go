@@ -49,6 +49,10 @@ type environment struct {
 	adminToken string
 	discToken  string
 	caPool     *x509.CertPool
+	// caCert and caKey sign the serving certificate and client
+	// certificates: the CA is also every apiserver's --client-ca-file.
+	caCert *x509.Certificate
+	caKey  *ecdsa.PrivateKey
 
 	mu       sync.Mutex
 	procs    []*proc
@@ -132,6 +136,7 @@ func (e *environment) writeCredentials() error {
 	}
 	e.caPool = x509.NewCertPool()
 	e.caPool.AddCert(ca)
+	e.caCert, e.caKey = ca, caKey
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -195,6 +200,18 @@ func randomHex(n int) string {
 // kubeconfig writes a kubeconfig for server with the given token and
 // returns its path.
 func (e *environment) kubeconfig(name, server, token string) (string, error) {
+	return e.writeKubeconfig(name, server, "    token: "+token+"\n")
+}
+
+// certKubeconfig writes a kubeconfig for server with a client certificate
+// and returns its path.
+func (e *environment) certKubeconfig(name, server, certFile, keyFile string) (string, error) {
+	return e.writeKubeconfig(name, server, fmt.Sprintf("    client-certificate: %s\n    client-key: %s\n", certFile, keyFile))
+}
+
+// writeKubeconfig writes a kubeconfig for server whose user has the given
+// credential lines.
+func (e *environment) writeKubeconfig(name, server, credentials string) (string, error) {
 	p := filepath.Join(e.dir, name+".kubeconfig")
 	doc := fmt.Sprintf(`apiVersion: v1
 kind: Config
@@ -206,16 +223,55 @@ clusters:
 users:
 - name: %s
   user:
-    token: %s
-contexts:
+%scontexts:
 - name: e2e
   context: {cluster: e2e, user: %s}
 current-context: e2e
-`, server, e.caFile, name, token, name)
+`, server, e.caFile, name, credentials, name)
 	if err := os.WriteFile(p, []byte(doc), 0o600); err != nil {
 		return "", fmt.Errorf("write kubeconfig: %w", err)
 	}
 	return p, nil
+}
+
+// clientCert writes a client certificate and key for user cn in groups,
+// signed by the cluster's client CA, and returns their paths.
+func (e *environment) clientCert(name, cn string, groups ...string) (certFile, keyFile string, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", "", fmt.Errorf("client key: %w", err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return "", "", fmt.Errorf("serial: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		// Above the serials of the CA and the serving certificate.
+		SerialNumber: serial.Add(serial, big.NewInt(3)),
+		Subject:      pkix.Name{CommonName: cn, Organization: groups},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, e.caCert, &key.PublicKey, e.caKey)
+	if err != nil {
+		return "", "", fmt.Errorf("client certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return "", "", fmt.Errorf("client key: %w", err)
+	}
+	certFile = filepath.Join(e.dir, name+".crt")
+	keyFile = filepath.Join(e.dir, name+".key")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		return "", "", fmt.Errorf("write %s: %w", certFile, err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return "", "", fmt.Errorf("write %s: %w", keyFile, err)
+	}
+	return certFile, keyFile, nil
 }
 
 // record keeps one measured number for the report.
@@ -411,37 +467,43 @@ func shmOr(dir string) string {
 type apiserver struct {
 	ip string
 	p  *proc
+	// extra are the flags it was started with beyond the common ones; a
+	// restart (restartAPIServer) passes them again.
+	extra []string
 }
 
 // addr is the apiserver's host:port.
 func (a *apiserver) addr() string { return net.JoinHostPort(a.ip, "6443") }
 
-// startAPIServer starts a kube-apiserver on ip (not waiting for it).
-func (e *environment) startAPIServer(t *testing.T, ip string) *apiserver {
+// startAPIServer starts a kube-apiserver on ip (not waiting for it), with
+// the common flags and then extra (for example anonymousOff or
+// e.anonymousHealthOnly(t)).
+func (e *environment) startAPIServer(t *testing.T, ip string, extra ...string) *apiserver {
 	t.Helper()
 	certDir := filepath.Join(e.dir, "certs-"+ip)
 	// Each apiserver gets a host name of its own (a UTS namespace): its
 	// identity lease is named after the host name, and apiservers sharing
 	// one would fight over a single lease.
 	host := "apiserver-" + strings.ReplaceAll(ip, ".", "-")
-	p, err := e.start("apiserver-"+ip, "unshare", "--uts", "--", "sh", "-c", `hostname "$0" && exec "$@"`, host, e.apiserver,
+	args := []string{"--uts", "--", "sh", "-c", `hostname "$0" && exec "$@"`, host, e.apiserver,
 		"--etcd-servers=http://127.0.0.1:2379",
-		"--bind-address="+ip, "--secure-port=6443", "--advertise-address="+ip,
-		"--cert-dir="+certDir,
-		"--tls-cert-file="+e.certFile, "--tls-private-key-file="+e.keyFile,
-		"--client-ca-file="+e.caFile,
-		"--token-auth-file="+e.tokenFile,
+		"--bind-address=" + ip, "--secure-port=6443", "--advertise-address=" + ip,
+		"--cert-dir=" + certDir,
+		"--tls-cert-file=" + e.certFile, "--tls-private-key-file=" + e.keyFile,
+		"--client-ca-file=" + e.caFile,
+		"--token-auth-file=" + e.tokenFile,
 		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+e.saKeyFile,
-		"--service-account-signing-key-file="+e.saKeyFile,
+		"--service-account-key-file=" + e.saKeyFile,
+		"--service-account-signing-key-file=" + e.saKeyFile,
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--authorization-mode=RBAC",
 		"--profiling=false",
-	)
+	}
+	p, err := e.start("apiserver-"+ip, "unshare", append(args, extra...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &apiserver{ip: ip, p: p}
+	a := &apiserver{ip: ip, p: p, extra: extra}
 	t.Cleanup(func() {
 		if p.running() {
 			p.kill()
@@ -451,6 +513,38 @@ func (e *environment) startAPIServer(t *testing.T, ip string) *apiserver {
 		}
 	})
 	return a
+}
+
+// restartAPIServer starts a again on its address with the flags it had.
+func (e *environment) restartAPIServer(t *testing.T, a *apiserver) {
+	t.Helper()
+	*a = *e.startAPIServer(t, a.ip, a.extra...)
+}
+
+// anonymousOff are the flags of a control plane that refuses anonymous
+// requests altogether (CIS 1.2.1): every request without credentials, the
+// health paths included, is answered 401.
+var anonymousOff = []string{"--anonymous-auth=false"}
+
+// anonymousHealthOnly writes an AuthenticationConfiguration that allows
+// anonymous requests of /livez, /readyz and /healthz only and returns the
+// flag that loads it: every other anonymous request is answered 401.
+func (e *environment) anonymousHealthOnly(t *testing.T) []string {
+	t.Helper()
+	p := filepath.Join(e.dir, "authentication-config.yaml")
+	doc := `apiVersion: apiserver.config.k8s.io/v1
+kind: AuthenticationConfiguration
+anonymous:
+  enabled: true
+  conditions:
+  - path: /livez
+  - path: /readyz
+  - path: /healthz
+`
+	if err := os.WriteFile(p, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"--authentication-config=" + p}
 }
 
 // httpsClient trusts the test CA.
@@ -515,6 +609,11 @@ func (e *environment) kubectl(ctx context.Context, server string, stdin string, 
 	if err != nil {
 		return "", err
 	}
+	return e.kubectlWith(ctx, kc, stdin, args...)
+}
+
+// kubectlWith runs kubectl with the kubeconfig kc.
+func (e *environment) kubectlWith(ctx context.Context, kc string, stdin string, args ...string) (string, error) {
 	full := append([]string{"--kubeconfig=" + kc, "--cache-dir=" + filepath.Join(e.dir, "kubectl-cache"), "--request-timeout=20s"}, args...)
 	cmd := exec.CommandContext(ctx, e.kubectlBin, full...)
 	cmd.Env = append(os.Environ(), "HOME="+e.dir)
@@ -541,7 +640,9 @@ func (e *environment) mustKubectl(t *testing.T, server, stdin string, args ...st
 }
 
 // rbacManifest is the Role and RoleBinding that discovery needs (the same
-// rules docs/discovery.md documents), bound to the restricted test user.
+// rules docs/discovery.md documents: the one slice named after the
+// service; e2e-dual is the service of TestDiscoveryAgainstRealAPIServers),
+// bound to the restricted test user.
 const rbacManifest = `apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata:
@@ -550,6 +651,7 @@ metadata:
 rules:
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
+  resourceNames: ["kubernetes", "e2e-dual"]
   verbs: ["get", "list", "watch"]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
@@ -575,9 +677,11 @@ func (e *environment) applyRBAC(t *testing.T, server string) {
 		args []string
 		want string
 	}{
-		{[]string{"list", "endpointslices.discovery.k8s.io", "-n", "default"}, "yes"},
-		{[]string{"watch", "endpointslices.discovery.k8s.io", "-n", "default"}, "yes"},
-		{[]string{"get", "endpointslices.discovery.k8s.io", "-n", "default"}, "yes"},
+		{[]string{"list", "endpointslices.discovery.k8s.io/kubernetes", "-n", "default"}, "yes"},
+		{[]string{"watch", "endpointslices.discovery.k8s.io/kubernetes", "-n", "default"}, "yes"},
+		{[]string{"get", "endpointslices.discovery.k8s.io/kubernetes", "-n", "default"}, "yes"},
+		{[]string{"list", "endpointslices.discovery.k8s.io", "-n", "default"}, "no"},
+		{[]string{"get", "endpointslices.discovery.k8s.io/kubernetes-extra", "-n", "default"}, "no"},
 		{[]string{"list", "endpointslices.discovery.k8s.io", "-n", "kube-system"}, "no"},
 		{[]string{"create", "endpointslices.discovery.k8s.io", "-n", "default"}, "no"},
 		{[]string{"list", "secrets", "-n", "default"}, "no"},

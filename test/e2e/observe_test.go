@@ -169,8 +169,19 @@ type loadLoop struct {
 	done   chan struct{}
 }
 
-// startLoad starts the load loop; stop it with stop (also at test end).
+// startLoad starts the load loop with the admin credentials; stop it with
+// stop (also at test end).
 func (e *environment) startLoad(t *testing.T) *loadLoop {
+	t.Helper()
+	return e.startLoadWith(t, func(ctx context.Context) error {
+		_, err := e.kubectl(ctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+		return err
+	})
+}
+
+// startLoadWith starts a load loop running run (one kubectl command) again
+// and again; stop it with stop (also at test end).
+func (e *environment) startLoadWith(t *testing.T, run func(context.Context) error) *loadLoop {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &loadLoop{cancel: cancel, done: make(chan struct{})}
@@ -179,7 +190,7 @@ func (e *environment) startLoad(t *testing.T) *loadLoop {
 		for ctx.Err() == nil {
 			start := time.Now()
 			rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
-			_, err := e.kubectl(rctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+			err := run(rctx)
 			rcancel()
 			if ctx.Err() != nil {
 				return

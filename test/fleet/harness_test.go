@@ -45,6 +45,8 @@ type environment struct {
 	tokenFile  string
 	adminToken string
 	discToken  string
+	pubToken   string // the readiness publisher's user
+	nodeToken  string // a node's user, reading the shared readiness
 	caPool     *x509.CertPool
 
 	mu      sync.Mutex
@@ -55,6 +57,13 @@ type environment struct {
 
 // discoveryUser is the restricted user the discovery credentials belong to.
 const discoveryUser = "extractedprism-discovery"
+
+// publisherUser and nodeUser are the restricted users of the shared
+// readiness: the publisher writes the ConfigMap, a node only reads it.
+const (
+	publisherUser = "extractedprism-readiness-publisher"
+	nodeUser      = "extractedprism-node"
+)
 
 // newEnvironment finds the binaries and writes certificates and tokens.
 func newEnvironment() (*environment, error) {
@@ -161,6 +170,7 @@ func (e *environment) writeCredentials() error {
 		return fmt.Errorf("service account key: %w", err)
 	}
 	e.adminToken, e.discToken = randomHex(16), randomHex(16)
+	e.pubToken, e.nodeToken = randomHex(16), randomHex(16)
 	e.caFile = filepath.Join(e.dir, "ca.crt")
 	e.certFile = filepath.Join(e.dir, "apiserver.crt")
 	e.keyFile = filepath.Join(e.dir, "apiserver.key")
@@ -171,8 +181,8 @@ func (e *environment) writeCredentials() error {
 		e.certFile:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		e.keyFile:   pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
 		e.saKeyFile: pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saKey)}),
-		e.tokenFile: fmt.Appendf(nil, "%s,admin,admin-uid,system:masters\n%s,%s,discovery-uid\n",
-			e.adminToken, e.discToken, discoveryUser),
+		e.tokenFile: fmt.Appendf(nil, "%s,admin,admin-uid,system:masters\n%s,%s,discovery-uid\n%s,%s,publisher-uid\n%s,%s,node-uid\n",
+			e.adminToken, e.discToken, discoveryUser, e.pubToken, publisherUser, e.nodeToken, nodeUser),
 	}
 	for p, b := range files {
 		if err := os.WriteFile(p, b, 0o600); err != nil {
@@ -233,6 +243,7 @@ func (e *environment) report() {
 	for _, r := range e.results {
 		b.WriteString("  " + r + "\n")
 	}
+	b.WriteString(resultLine() + "\n")
 	fmt.Print(b.String())
 	if p := os.Getenv("EP_FLEET_REPORT"); p != "" {
 		_ = os.WriteFile(p, []byte(b.String()), 0o644)

@@ -1,7 +1,9 @@
 // Package fleet measures what a fleet of extractedprism nodes costs real
 // kube-apiservers: probe cost per probe style, discovery watches and their
-// convergence, the reconnect wave when an apiserver dies or hangs, and the
-// probes and discovery requests when every node starts at once.
+// convergence, the reconnect wave when an apiserver dies or hangs, the
+// probes and discovery requests when every node starts at once, and the
+// shared readiness: its publishers and every node's watch of their
+// ConfigMap.
 //
 // The test binary creates a network namespace of its own, puts the test
 // apiserver addresses (198.51.100.11-14) on its loopback interface and runs

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/extractedprism/extractedprism/pkg/readiness"
 	"github.com/extractedprism/extractedprism/pkg/status"
 )
 
@@ -53,17 +54,17 @@ type fleet struct {
 }
 
 // nodeConfig is a node's configuration file: static endpoints, discovery
-// through its own listener with the restricted credentials, and the given
-// close_spread.
+// through its own listener with the restricted credentials, the shared
+// readiness verdicts, and the given close_spread.
 func nodeConfig(ip string, endpoints []string, kubeconfig, spread string) string {
 	return fmt.Sprintf(`listen: {address: %s, port: 7445, reuse_port: false}
 admin: {address: %s, port: 7446}
 endpoints: [%s]
-probe: {ca_file: %s}
+probe: {ca_file: %s, shared_readiness: {namespace: %s, name: %s}}
 proxy: {close_spread: %s, drain_timeout: 1s}
 discovery: {enabled: true, kubeconfig: %s, state_file: ""}
 log: {level: info}
-`, ip, ip, strings.Join(endpoints, ", "), env.caFile, spread, kubeconfig)
+`, ip, ip, strings.Join(endpoints, ", "), env.caFile, readinessNS, readiness.DefaultConfigMap, spread, kubeconfig)
 }
 
 // startFleet starts n nodes with static endpoints eps and close_spread

@@ -20,12 +20,15 @@ type params struct {
 	// ProbeWindow is how long each probe style (and the idle baseline) is
 	// measured (EP_FLEET_PROBE_WINDOW, default 15s).
 	ProbeWindow time.Duration
+	// Watchers is the number of simulated nodes watching the shared
+	// readiness ConfigMap (EP_FLEET_WATCHERS, default 200).
+	Watchers int
 }
 
 // loadParams reads the parameters; a malformed value fails the test.
 func loadParams(t *testing.T) params {
 	t.Helper()
-	p := params{Nodes: 10, Streams: 4, ProbeRate: 200, ProbeWindow: 15 * time.Second}
+	p := params{Nodes: 10, Streams: 4, ProbeRate: 200, ProbeWindow: 15 * time.Second, Watchers: 200}
 	ints := []struct {
 		name string
 		dst  *int
@@ -34,6 +37,7 @@ func loadParams(t *testing.T) params {
 		{"EP_FLEET_NODES", &p.Nodes, 250},
 		{"EP_FLEET_STREAMS", &p.Streams, 50},
 		{"EP_FLEET_PROBE_RATE", &p.ProbeRate, 5000},
+		{"EP_FLEET_WATCHERS", &p.Watchers, 2000},
 	}
 	for _, v := range ints {
 		s := os.Getenv(v.name)

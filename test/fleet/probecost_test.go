@@ -46,8 +46,8 @@ const proberInterval = time.Second
 // counter is a probe.Reporter that counts results.
 type counter struct{ ok, failed *atomic.Int64 }
 
-func (c counter) Report(_ string, ok bool, _ time.Duration, _ error) {
-	if ok {
+func (c counter) Report(_ string, r probe.Result) {
+	if r.OK() {
 		c.ok.Add(1)
 	} else {
 		c.failed.Add(1)

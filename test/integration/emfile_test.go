@@ -3,6 +3,8 @@
 package integration
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -18,7 +20,9 @@ import (
 // (prlimit from util-linux), exhausts its descriptors with idle client
 // connections and checks that /healthz still answers (the admin listener
 // keeps a spare descriptor) and /readyz tells why it is not ready; once
-// the connections are released it proxies again.
+// the connections are released it proxies again. The connection cap is
+// set above what the descriptors allow (by default it stays below, and a
+// connection beyond it is refused instead, see TestDefaultCapStaysWithinDescriptors).
 func TestAcceptSurvivesEMFILE(t *testing.T) {
 	const nofile = 64
 	prlimit, err := exec.LookPath("prlimit")
@@ -26,7 +30,8 @@ func TestAcceptSurvivesEMFILE(t *testing.T) {
 		t.Fatalf("prlimit (util-linux) is needed: %v", err)
 	}
 	ss := startStandins(t, 2)
-	d := startDaemonWith(t, []string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile), "--"}, addrsOf(ss))
+	d := startDaemonWith(t, []string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile), "--"}, addrsOf(ss),
+		"--max-connections", strconv.Itoa(8*nofile))
 	d.waitReady(t)
 	d.waitAllUp(t, addrsOf(ss))
 	if name, err := getRoot(d.listen); err != nil {
@@ -187,4 +192,90 @@ func acceptQueue(addr string) (int, error) {
 		return int(n), err
 	}
 	return 0, fmt.Errorf("/proc/net/tcp: no listener %s", want)
+}
+
+// TestDefaultCapStaysWithinDescriptors: with a small RLIMIT_NOFILE and no
+// proxy.max_connections, the derived cap leaves descriptors to spare: the
+// connections up to it are served, the next one is reset at once (never
+// left waiting), /readyz stays 200 and /status counts the refusal.
+func TestDefaultCapStaysWithinDescriptors(t *testing.T) {
+	const nofile = 128
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Fatalf("prlimit (util-linux) is needed: %v", err)
+	}
+	ss := startStandins(t, 2)
+	d := startDaemonWith(t, []string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile), "--"}, addrsOf(ss))
+	d.waitReady(t)
+	d.waitAllUp(t, addrsOf(ss))
+	var st struct {
+		Active  int64  `json:"active_connections"`
+		Max     int64  `json:"max_connections"`
+		Refused uint64 `json:"refused_connections"`
+	}
+	status := func() {
+		t.Helper()
+		code, body, err := d.get("/status")
+		if err != nil || code != http.StatusOK {
+			t.Fatalf("/status: %d %v", code, err)
+		}
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			t.Fatalf("/status: %v", err)
+		}
+	}
+	status()
+	if st.Max <= 0 || 2*st.Max >= nofile {
+		t.Fatalf("derived max_connections %d with RLIMIT_NOFILE %d: want two descriptors per connection to fit", st.Max, nofile)
+	}
+	var open []net.Conn
+	t.Cleanup(func() {
+		for _, c := range open {
+			_ = c.Close()
+		}
+	})
+	for len(open) < int(st.Max) {
+		c, err := net.DialTimeout("tcp", d.listen, 5*time.Second)
+		if err != nil {
+			t.Fatalf("connect %d of %d: %v", len(open)+1, st.Max, err)
+		}
+		open = append(open, c)
+	}
+	waitFor(t, waitTimeout, "every connection tracked", func() (bool, string) {
+		status()
+		return st.Active == st.Max, fmt.Sprintf("%d active of %d", st.Active, st.Max)
+	})
+	// One more: accepted and reset at once.
+	start := time.Now()
+	c, err := net.DialTimeout("tcp", d.listen, 5*time.Second)
+	if err == nil {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		_ = c.Close()
+	}
+	took := time.Since(start)
+	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection beyond max_connections %d: read %v after %s, want it reset at once", st.Max, err, took)
+	}
+	if code, body, err := d.get("/readyz"); err != nil || code != http.StatusOK {
+		t.Errorf("/readyz at the cap: %d %q %v, want 200 (the open connections are served)", code, body, err)
+	}
+	waitFor(t, waitTimeout, "the refusal counted", func() (bool, string) {
+		status()
+		return st.Refused >= 1, fmt.Sprintf("%d refused", st.Refused)
+	})
+	// The open connections still work, and one freed place takes a new one.
+	if _, err := open[0].Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")); err != nil {
+		t.Fatalf("write on an open connection: %v", err)
+	}
+	_ = open[0].Close()
+	open = open[1:]
+	waitFor(t, waitTimeout, "a new connection served once one ended", func() (bool, string) {
+		name, err := getRoot(d.listen)
+		if err != nil {
+			return false, err.Error()
+		}
+		return true, name
+	})
+	t.Logf("RLIMIT_NOFILE %d: derived max_connections %d; connection %d reset after %s (%v); /status refused %d",
+		nofile, st.Max, st.Max+1, describe(took), err, st.Refused)
 }

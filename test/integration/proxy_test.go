@@ -27,7 +27,7 @@ func TestProxyIPv6BulkTransfer(t *testing.T) {
 	listen := net.JoinHostPort("::1", strconv.Itoa(port))
 	admin := net.JoinHostPort("::1", strconv.Itoa(adminPort))
 	d := startDaemonArgs(t, listen, admin, "--endpoints", a.addr+","+b.addr, "--bind-address", "::1",
-		"--bind-port", strconv.Itoa(port), "--health-port", strconv.Itoa(adminPort),
+		"--bind-port", strconv.Itoa(port), "--health-bind-address", "::1", "--health-port", strconv.Itoa(adminPort),
 		"--health-interval", probeInterval.String(), "--health-timeout", probeTimeout.String(), "--state-file", "")
 	d.waitReady(t)
 	d.waitAllUp(t, []string{a.addr, b.addr})

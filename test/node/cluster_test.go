@@ -85,6 +85,7 @@ func startCluster(t *testing.T) *cluster {
 	for _, a := range c.apiservers {
 		c.waitAPIServer(t, a, 3*time.Minute)
 	}
+	c.startServiceVIP(t)
 	c.startContainerd(t)
 	c.importImages(t)
 	return c
@@ -378,6 +379,8 @@ state = "%[1]s/containerd/state"
 `
 
 // cniConfig is a bridge network on TEST-NET-3 inside the test namespace.
+// Pods route everything through the bridge, so they reach the apiservers
+// and the service VIP, both local addresses of the test namespace.
 const cniConfig = `{
   "cniVersion": "0.4.0",
   "name": "node-e2e",
@@ -386,6 +389,7 @@ const cniConfig = `{
       "type": "bridge",
       "bridge": "cni0",
       "isGateway": true,
+      "isDefaultGateway": true,
       "ipMasq": false,
       "ipam": {
         "type": "host-local",

@@ -27,6 +27,11 @@ const (
 	dsHealthPort = 7456
 	release      = "extractedprism"
 	instanceSel  = "app.kubernetes.io/instance=" + release
+	// dsPodSel selects the DaemonSet's pods only (the readiness
+	// publisher's pods are of the release too).
+	dsPodSel = "app.kubernetes.io/name=extractedprism," + instanceSel
+	// publisherSel selects the readiness publisher's pods.
+	publisherSel = "app.kubernetes.io/name=extractedprism-readiness-publisher," + instanceSel
 	saUser       = "system:serviceaccount:kube-system:" + release
 )
 
@@ -83,7 +88,7 @@ func (c *cluster) waitDSPod(t *testing.T, notUID string, timeout time.Duration) 
 	var pod podObject
 	poll(t, "DaemonSet pod Ready", timeout, 500*time.Millisecond, func() (bool, string) {
 		c.checkAlive(t)
-		pods, err := listPods(c.liveAPIServer(), "kube-system", instanceSel)
+		pods, err := listPods(c.liveAPIServer(), "kube-system", dsPodSel)
 		if err != nil {
 			return false, err.Error()
 		}
@@ -107,9 +112,12 @@ func (c *cluster) helmDaemonSet(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"get", "endpointslices.discovery.k8s.io", "-n", "default"}, "yes"},
-		{[]string{"list", "endpointslices.discovery.k8s.io", "-n", "default"}, "yes"},
-		{[]string{"watch", "endpointslices.discovery.k8s.io", "-n", "default"}, "yes"},
+		{[]string{"get", "endpointslices.discovery.k8s.io/kubernetes", "-n", "default"}, "yes"},
+		{[]string{"list", "endpointslices.discovery.k8s.io/kubernetes", "-n", "default"}, "yes"},
+		{[]string{"watch", "endpointslices.discovery.k8s.io/kubernetes", "-n", "default"}, "yes"},
+		// The one slice the daemon reads, by name (resourceNames).
+		{[]string{"list", "endpointslices.discovery.k8s.io", "-n", "default"}, "no"},
+		{[]string{"get", "endpointslices.discovery.k8s.io/kubernetes-extra", "-n", "default"}, "no"},
 		{[]string{"create", "endpointslices.discovery.k8s.io", "-n", "default"}, "no"},
 		{[]string{"delete", "endpointslices.discovery.k8s.io", "-n", "default"}, "no"},
 		{[]string{"list", "endpointslices.discovery.k8s.io", "-n", "kube-system"}, "no"},
@@ -150,6 +158,32 @@ func (c *cluster) helmDaemonSet(t *testing.T) {
 		return doc.Discovery.State == "synced" && found == len(apiserverIPs) && allUp(doc),
 			fmt.Sprintf("discovery %s %v; %s", doc.Discovery.State, doc.Discovery.Discovered, doc.describe())
 	})
+	// The readiness publisher (in-cluster credentials, through the service
+	// VIP) leads and publishes; the pod takes its readiness of each
+	// apiserver from the shared verdicts.
+	poll(t, "DaemonSet pod on the shared readiness verdicts", 3*time.Minute, time.Second, func() (bool, string) {
+		pods, err := listPods(c.liveAPIServer(), "kube-system", publisherSel)
+		if err != nil {
+			return false, err.Error()
+		}
+		var phases []string
+		for _, p := range pods {
+			phases = append(phases, fmt.Sprintf("%s %s ready=%t restarts=%d", p.Metadata.Name, p.Status.Phase, p.ready(), p.restarts()))
+		}
+		doc, err = getStatus(dsAdminAddr)
+		if err != nil {
+			return false, err.Error()
+		}
+		shared := 0
+		for _, u := range doc.Upstreams {
+			if u.ReadinessShared {
+				shared++
+			}
+		}
+		return shared == len(apiserverIPs) && allUp(doc),
+			fmt.Sprintf("%d of %d upstreams on shared readiness (%s); publisher pods %v", shared, len(doc.Upstreams), doc.describe(), phases)
+	})
+	env.record("helm install -> DaemonSet pod on the publisher's shared readiness for all %d apiservers: %.1f s", len(apiserverIPs), time.Since(start).Seconds())
 	// It serves: an API request through the DaemonSet's port.
 	req, err := http.NewRequest(http.MethodGet, "https://"+dsBalancerAddr+"/readyz", nil)
 	if err != nil {
@@ -489,7 +523,7 @@ func (c *cluster) configReload(t *testing.T) {
 // with the same restart count.
 func (c *cluster) checkSamePod(t *testing.T, pod podObject, restarts int) {
 	t.Helper()
-	pods, err := listPods(c.liveAPIServer(), "kube-system", instanceSel)
+	pods, err := listPods(c.liveAPIServer(), "kube-system", dsPodSel)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -517,12 +551,24 @@ func firstLine(s, sub string) string {
 // name) nor on the node's ports.
 func (c *cluster) uninstall(t *testing.T) {
 	c.ensureRelease(t)
+	leftovers := []string{
+		"/api/v1/namespaces/kube-system/configmaps/" + release + "-readiness",
+		"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/" + release + "-readiness-publisher",
+	}
+	poll(t, "the readiness publisher wrote its ConfigMap and Lease", 3*time.Minute, time.Second, func() (bool, string) {
+		for _, p := range leftovers {
+			if ok, err := exists(c.liveAPIServer(), p); err != nil || !ok {
+				return false, fmt.Sprintf("%s: exists %t, err %v", p, ok, err)
+			}
+		}
+		return true, ""
+	})
 	if out, err := c.helmRun("uninstall", release, "--namespace", "kube-system"); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
 	c.release = false
 	start := time.Now()
-	kinds := "daemonsets,controllerrevisions,pods,configmaps,serviceaccounts,roles,rolebindings,services,secrets"
+	kinds := "daemonsets,deployments,replicasets,controllerrevisions,pods,configmaps,serviceaccounts,roles,rolebindings,services,secrets"
 	poll(t, "nothing of the release left", 3*time.Minute, time.Second, func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -552,6 +598,25 @@ func (c *cluster) uninstall(t *testing.T) {
 			t.Errorf("%s still there (err %v)", p, err)
 		}
 	}
+	// What the chart's README says helm uninstall leaves: the shared
+	// readiness ConfigMap and the publisher's Lease, which the publisher
+	// wrote itself; its commands remove them.
+	for _, p := range leftovers {
+		if ok, err := exists(c.liveAPIServer(), p); err != nil || !ok {
+			t.Errorf("%s: not left after uninstall (err %v), as the chart's README says it is", p, err)
+		}
+	}
+	for _, args := range [][]string{
+		{"-n", "kube-system", "delete", "configmap", release + "-readiness"},
+		{"-n", "kube-system", "delete", "lease", release + "-readiness-publisher"},
+	} {
+		env.mustKubectl(t, c.liveAPIServer(), "", args...)
+	}
+	for _, p := range leftovers {
+		if ok, err := exists(c.liveAPIServer(), p); err != nil || ok {
+			t.Errorf("%s still there after the README's kubectl delete (err %v)", p, err)
+		}
+	}
 	for _, addr := range []string{dsBalancerAddr, dsAdminAddr} {
 		conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
 		if err == nil {
@@ -564,7 +629,7 @@ func (c *cluster) uninstall(t *testing.T) {
 	if p, err := getPod(c.liveAPIServer(), "kube-system", mirrorPod); err != nil || !p.ready() {
 		t.Errorf("static pod not Ready after uninstall (err %v)", err)
 	}
-	env.record("helm uninstall: no DaemonSet, ControllerRevision, Pod, ConfigMap, ServiceAccount, Role, RoleBinding, Service, release Secret, ClusterRole(Binding) left after %.1f s; ports %d/%d closed",
+	env.record("helm uninstall: no DaemonSet, Deployment, ReplicaSet, ControllerRevision, Pod, ConfigMap, ServiceAccount, Role, RoleBinding, Service, release Secret, ClusterRole(Binding) left after %.1f s; the readiness ConfigMap and Lease left, as documented, until deleted; ports %d/%d closed",
 		time.Since(start).Seconds(), dsBindPort, dsHealthPort)
 }
 

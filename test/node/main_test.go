@@ -116,7 +116,7 @@ func runOutside() int {
 		{"netns", "add", name},
 		{"-n", name, "link", "set", "lo", "up"},
 	}
-	for _, ip := range append(append([]string{}, apiserverIPs...), nodeIP) {
+	for _, ip := range append(append([]string{}, apiserverIPs...), nodeIP, serviceIP) {
 		setup = append(setup, []string{"-n", name, "addr", "add", ip + "/32", "dev", "lo"})
 	}
 	for _, args := range setup {

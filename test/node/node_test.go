@@ -39,6 +39,7 @@ type statusDoc struct {
 		State             string `json:"state"`
 		ActiveConnections int64  `json:"active_connections"`
 		TotalConnections  uint64 `json:"total_connections"`
+		ReadinessShared   bool   `json:"readiness_shared"`
 	} `json:"upstreams"`
 	Discovery struct {
 		State      string   `json:"state"`
@@ -142,7 +143,7 @@ func (c *cluster) bootNode(t *testing.T) {
 		}
 	}
 	state := hostDir("/var/lib/extractedprism")
-	if err := os.Chown(state, 65534, 65534); err != nil {
+	if err := os.Chown(state, 60745, 60745); err != nil { // the static pod's UID/GID
 		t.Fatal(err)
 	}
 	if err := os.Chmod(state, 0o750); err != nil {

@@ -95,12 +95,22 @@ func (l *connectLoad) stop() connectCounts {
 // port; refused or reset connects are counted (target 0).
 func (c *cluster) surgeUpgrade(t *testing.T) {
 	c.ensureRelease(t)
+	// Pods of a release without a surge bind without SO_REUSEPORT, so a
+	// surged pod could not bind next to them: first roll them with
+	// reusePort on (old pod stopped first), as the chart's README says.
+	first := c.waitDSPod(t, "", 2*time.Minute)
 	args := []string{"upgrade", release, c.chartDir(), "--namespace", "kube-system", "--reuse-values",
+		"--set", "reusePort=true"}
+	if out, err := c.helmRun(args...); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	c.waitDSPod(t, first.Metadata.UID, 3*time.Minute)
+	args = []string{"upgrade", release, c.chartDir(), "--namespace", "kube-system", "--reuse-values",
 		"--set", "updateStrategy.maxSurge=1", "--set", "updateStrategy.maxUnavailable=0"}
 	if out, err := c.helmRun(args...); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	// The strategy alone does not roll the pods.
+	// The strategy alone does not roll the pods (reusePort is already on).
 	old := c.waitDSPod(t, "", 2*time.Minute)
 	migrate, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
 	load := startConnectLoad(dsBalancerAddr, 2)
@@ -116,7 +126,7 @@ func (c *cluster) surgeUpgrade(t *testing.T) {
 	var newPod podObject
 	maxRunning := 0
 	poll(t, "rollout to a new pod", 4*time.Minute, 250*time.Millisecond, func() (bool, string) {
-		pods, err := listPods(c.liveAPIServer(), "kube-system", instanceSel)
+		pods, err := listPods(c.liveAPIServer(), "kube-system", dsPodSel)
 		if err != nil {
 			return false, err.Error()
 		}
