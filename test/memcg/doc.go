@@ -1,5 +1,6 @@
-// Package memcg checks that extractedprism stays within the 64 MiB memory
-// limit the Helm chart and the kubeadm static pod give it, in a real memory
+// Package memcg checks that extractedprism stays within the 128 MiB memory
+// limit the Helm chart and the kubeadm static pod give it, and within half of
+// it (64 MiB), with its default connection cap, in a real memory
 // cgroup (cgroup v1's memory controller or cgroup v2, whichever the machine
 // has), under the loads that cost memory: clients that download through it
 // but read slowly, and many idle connections (watches).

@@ -43,6 +43,7 @@ type Flow struct {
 	hup        [2]bool // side's peer closed: read until EOF, not just a short read
 	writable   [2]bool // side's send buffer may take bytes
 	congested  [2]bool // side refused bytes and has not taken a whole write since
+	clamped    [2]bool // side's receive buffer is clampRcvBuf (see clamp)
 	// pending[s] holds bytes read for side s that it could not take yet:
 	// at most plainBytes, or the bytes to resend to a new upstream.
 	pending [2][]byte
@@ -86,7 +87,7 @@ func (f *Flow) ReplaceUpstream(ufd int, connecting bool, resend []byte) {
 	f.mu.Unlock()
 	f.connecting = connecting
 	f.bytes[1] = 0
-	f.eof[1], f.done[1], f.hup[1], f.congested[1] = false, false, false, false
+	f.eof[1], f.done[1], f.hup[1], f.congested[1], f.clamped[1] = false, false, false, false, false
 	f.pending[1] = resend
 	f.done[0] = false
 }
@@ -323,6 +324,7 @@ func (f *Flow) writeSome(dst int, b []byte) (int, bool) {
 		case errors.Is(err, unix.EAGAIN):
 			f.writable[dst] = false
 			f.congested[dst] = true
+			f.clamp(1 - dst)
 			return w, false
 		case errors.Is(err, unix.EINTR):
 		default:
@@ -332,6 +334,24 @@ func (f *Flow) writeSome(dst int, b []byte) (int, bool) {
 	}
 	f.congested[dst] = false
 	return w, true
+}
+
+// clamp fixes side src's receive buffer at clampRcvBuf the first time the
+// other side refuses bytes. Bytes the relay does not take stay in src's
+// receive queue (see pump), and the kernel's autotuning would otherwise
+// let that queue grow to tcp_rmem's maximum (32 MiB on recent kernels)
+// for every client that falls behind: memory of the node's (cgroup v1)
+// or of the daemon's own cgroup (v2), which no limit of the daemon
+// bounds. Fixed, the buffer still carries clampRcvBuf per round trip, so
+// a flow that speeds up again is not starved. One setsockopt per side
+// and socket, only on a flow's first congestion; a failure keeps the
+// kernel's autotuning.
+func (f *Flow) clamp(src int) {
+	if f.clamped[src] {
+		return
+	}
+	f.clamped[src] = true
+	_ = sys.SetsockoptInt(f.fd[src], unix.SOL_SOCKET, unix.SO_RCVBUF, clampRcvBuf)
 }
 
 // passEOF forwards src's FIN once everything before it was written.

@@ -25,6 +25,17 @@ const (
 	readBytes  = 64 << 10
 	plainBytes = 16 << 10
 	budget     = 4
+	// clampRcvBuf is the SO_RCVBUF a flow gives a side's socket once the
+	// other side first refused bytes (see clamp).
+	clampRcvBuf = 256 << 10
+	// notsentLowat is the TCP_NOTSENT_LOWAT of both of a flow's sockets:
+	// a write is refused (EAGAIN) while more than this many bytes wait
+	// unsent, whatever size the kernel's autotuning gives the send
+	// buffer. A receiver that stops reading closes its window, every
+	// byte then waits unsent, and without it the socket would hold up to
+	// tcp_wmem's maximum (4 MiB) of them per flow. Bytes in flight are
+	// not counted, so a long fat path is not slowed.
+	notsentLowat = 128 << 10
 )
 
 // Config shapes a Relay; its zero value is the default.
@@ -372,6 +383,7 @@ func (l *loop) register(f *Flow) {
 	f.readable = [2]bool{true, !f.connecting}
 	f.writable = [2]bool{true, !f.connecting}
 	for side := range 2 {
+		_ = sys.SetsockoptInt(f.fd[side], unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notsentLowat)
 		ev := unix.EpollEvent{
 			Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
 			Fd:     f.slot,

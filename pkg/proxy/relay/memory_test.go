@@ -189,3 +189,60 @@ func TestPeekedBytesArriveOnceInOrder(t *testing.T) {
 		t.Fatalf("ended with %+v, want %d both ways, no error", rep, total)
 	}
 }
+
+// TestStalledFlowKeepsLittleInTheKernel: an upstream that sends far more
+// than its client reads (the client reads nothing) stalls once the relay's
+// sockets hold about clampRcvBuf and notsentLowat: the kernel's buffers of
+// the relay's two sockets do not grow to tcp_rmem's and tcp_wmem's maxima
+// (32 MiB and 4 MiB on recent kernels) for a client that fell behind. The test's own
+// sockets are kept small, so what the sender gets rid of before it stalls
+// is what the relay's two sockets hold.
+func TestStalledFlowKeepsLittleInTheKernel(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	r := newRelay(t, Config{Loops: 1})
+	cfd, client := tcpPair(t, ln)
+	ufd, up := tcpPair(t, ln)
+	const testBuf = 32 << 10
+	if err := client.(*net.TCPConn).SetReadBuffer(testBuf); err != nil {
+		t.Fatal(err)
+	}
+	if err := up.(*net.TCPConn).SetWriteBuffer(testBuf); err != nil {
+		t.Fatal(err)
+	}
+	ev := newEvents()
+	if !r.Add(NewFlow(cfd, ufd, ev)) {
+		t.Fatal("Add refused the flow")
+	}
+	chunk := make([]byte, 64<<10)
+	sent := 0
+	for {
+		_ = up.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		n, err := up.Write(chunk)
+		sent += n
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("sender after %d bytes: %v", sent, err)
+		}
+		if sent > 64<<20 {
+			break
+		}
+	}
+	// The client's and the sender's sockets (2 x testBuf each, as the
+	// kernel doubles them), the relay's upstream socket (clampRcvBuf,
+	// doubled), its socket towards the client (notsentLowat and a peek's
+	// overshoot) and one plain read. Twice that is room for the kernel's
+	// accounting.
+	limit := 2 * (4*testBuf + 2*clampRcvBuf + notsentLowat + readBytes + plainBytes)
+	t.Logf("the sender stalled after %d KiB (limit %d KiB)", sent>>10, limit>>10)
+	if sent > limit {
+		t.Fatalf("the sender got %d KiB into a flow whose client reads nothing, more than %d KiB", sent>>10, limit>>10)
+	}
+	r.Stop()
+	ev.waitEnded(t)
+}
