@@ -59,3 +59,8 @@ include $(wildcard mk/*.mk)
 
 ## ci-extra: everything .ci/run runs after `make test`.
 ci-extra: $(CI_TARGETS)
+
+# ci-targets prints the targets of ci-extra, for .ci/run to time each one.
+.PHONY: ci-targets
+ci-targets:
+	@echo $(CI_TARGETS)

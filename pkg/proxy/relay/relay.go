@@ -14,6 +14,10 @@
 // only what was written, so the rest waits in the source's receive queue
 // (the kernel's socket buffers then push back on the sender, as with any
 // TCP proxy) and a slow reader costs the balancer at most 16 KiB, once.
+// The kernel's buffers are bounded too: both sockets refuse writes while
+// 128 KiB wait unsent (TCP_NOTSENT_LOWAT), and a source whose destination
+// fell behind gets a fixed 256 KiB receive buffer instead of autotuning
+// towards tcp_rmem's maximum.
 //
 // Half-close is forwarded: a read of 0 bytes (FIN) from one side becomes
 // shutdown(SHUT_WR) on the other once everything before it was written. A
