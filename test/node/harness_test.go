@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -290,7 +291,6 @@ type kubeconfigSpec struct {
 
 // kubeconfig writes a kubeconfig and returns its path.
 func (e *environment) kubeconfig(name string, s kubeconfigSpec) (string, error) {
-	p := e.path(name + ".kubeconfig")
 	var cluster strings.Builder
 	fmt.Fprintf(&cluster, "    server: %s\n    certificate-authority: %s\n", s.server, e.caFile)
 	if s.serverName != "" {
@@ -315,8 +315,34 @@ clusters:
   context: {cluster: node-e2e, user: %s}
 current-context: node-e2e
 `, cluster.String(), name, user, name)
-	if err := os.WriteFile(p, []byte(doc), 0o600); err != nil {
+	return writeKubeconfigFile(e.dir, name, doc)
+}
+
+// writeKubeconfigFile writes the kubeconfig doc to a file of its own,
+// named by name and its content, and returns its path. kubectl runs read
+// kubeconfigs while other steps write theirs: each file is written once,
+// under a temporary name and then renamed into place, so no reader sees
+// one half written or with another server's address.
+func writeKubeconfigFile(dir, name, doc string) (string, error) {
+	sum := sha256.Sum256([]byte(doc))
+	p := filepath.Join(dir, name+"-"+hex.EncodeToString(sum[:6])+".kubeconfig")
+	if _, err := os.Stat(p); err == nil {
+		return p, nil
+	}
+	f, err := os.CreateTemp(dir, name+"-*.kubeconfig.tmp")
+	if err != nil {
 		return "", fmt.Errorf("write kubeconfig: %w", err)
+	}
+	_, err = f.WriteString(doc)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), p)
+	}
+	if err != nil {
+		_ = os.Remove(f.Name())
+		return "", fmt.Errorf("write kubeconfig %s: %w", p, err)
 	}
 	return p, nil
 }
