@@ -127,18 +127,22 @@ func newReadinessRig(t *testing.T, ip string, standins int) *readinessRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bundle := filepath.Join(t.TempDir(), "ca-and-standins.crt")
+	dir := t.TempDir()
+	bundle := filepath.Join(dir, "ca-and-standins.crt")
 	if err := os.WriteFile(bundle, append(ca, certPEM...), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	kc, err := env.kubeconfig("readiness-publisher", "https://"+r.a.addr(), env.pubToken)
+	shared, err := env.kubeconfig("readiness-publisher", "https://"+r.a.addr(), env.pubToken)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile(kc)
+	b, err := os.ReadFile(shared)
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A copy of this test's own: the environment's kubeconfigs are
+	// shared by every test and never change once written.
+	kc := filepath.Join(dir, "readiness-publisher.kubeconfig")
 	if err := os.WriteFile(kc, []byte(strings.ReplaceAll(string(b), env.caFile, bundle)), 0o600); err != nil {
 		t.Fatal(err)
 	}
