@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 
@@ -203,7 +204,7 @@ func TestOneVersionEverywhere(t *testing.T) {
 	}
 }
 
-// imageRefs returns the values of every "image:" line.
+// imageRefs returns the distinct values of the "image:" lines, sorted.
 func imageRefs(doc string) []string {
 	var refs []string
 	for _, l := range strings.Split(doc, "\n") {
@@ -211,7 +212,10 @@ func imageRefs(doc string) []string {
 			refs = append(refs, strings.Trim(v, `"`))
 		}
 	}
-	return refs
+	// The chart's DaemonSet and its readiness publisher run the same
+	// image: each distinct reference once.
+	slices.Sort(refs)
+	return slices.Compact(refs)
 }
 
 type ociIndexDoc struct {
