@@ -2,8 +2,8 @@
 // Kubernetes API server: local clients use https://127.0.0.1:7445 and the
 // raw TCP stream goes to a healthy kube-apiserver.
 //
-// Subcommands: run (the default), validate, reload, status, version, and
-// readiness-publisher (see publisher.go).
+// Subcommands: run (the default), validate, reload, status, version,
+// readiness-publisher (see publisher.go) and static-pod (staticpod.go).
 //
 // Exit status: 0 on success, 1 on an error (an invalid configuration, a
 // failed start), 2 on bad usage, and ExitNotConfigured (78) when run finds
@@ -59,6 +59,9 @@ Usage:
   extractedprism readiness-publisher [flags]
                                           probe the apiservers' /readyz once for the
                                           cluster and publish it to the nodes
+  extractedprism static-pod upgrade --manifest FILE [flags]
+                                          upgrade the kubeadm static pod without
+                                          refusing a connection
 
 Run "extractedprism run --help" for the flags.
 `
@@ -79,6 +82,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return statusCmd(args, stdout, stderr)
 	case "readiness-publisher":
 		return publisherCmd(args, stderr)
+	case "static-pod":
+		return staticPodCmd(args, stdout, stderr)
 	case "version":
 		_, _ = fmt.Fprintf(stdout, "extractedprism %s (commit %s, %s)\n", version.Version, version.Commit, version.GoVersion())
 		return 0

@@ -110,7 +110,8 @@ type Proxy struct {
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
 	// CloseOnDown closes an upstream's connections when it is down and another upstream is up.
 	CloseOnDown bool `koanf:"close_on_down"`
-	// CloseSpread is the window over which a down upstream's connections are closed (0 = all at once).
+	// CloseSpread is the window over which a down upstream's connections are closed (0 = all at once),
+	// and the end of a drain handed over to a successor, in which the streams left are cut spread out.
 	CloseSpread time.Duration `koanf:"close_spread"`
 	// Replay replays the client's handshake to another upstream if the first fails before answering.
 	Replay bool `koanf:"replay"`

@@ -9,6 +9,8 @@ package daemon
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -87,6 +89,8 @@ type daemon struct {
 	disc    atomic.Pointer[discovery.Manager]
 	notify  *systemd.Notifier
 	started time.Time
+	// instance names this process in /status (see status.Document).
+	instance string
 
 	mu        sync.Mutex
 	cfg       config.Config
@@ -134,7 +138,7 @@ func Run(ctx context.Context, o Options) error {
 		o.FileLimit = fileLimit()
 	}
 	d := &daemon{o: o, log: o.Logger, cfg: o.Config, notify: o.Notifier, started: time.Now(), reloadOK: true,
-		firstList: make(chan struct{})}
+		firstList: make(chan struct{}), instance: newInstanceName()}
 	met, err := metrics.New(o.Registry, metrics.BuildInfo{Version: version.Version, Commit: version.Commit, GoVersion: version.GoVersion()})
 	if err != nil {
 		return fmt.Errorf("register metrics: %w", err)
@@ -309,6 +313,7 @@ func (d *daemon) proxyOptions(cfg config.Config) proxy.Options {
 		KeepAlive:         p.Keepalive,
 		UserTimeout:       p.TCPUserTimeout,
 		DrainTimeout:      drain,
+		DrainSpread:       p.CloseSpread,
 		Replay:            p.Replay,
 		FirstByteTimeout:  p.FirstByteTimeout,
 		ReplayBufferBytes: p.ReplayBufferBytes,
@@ -610,6 +615,13 @@ func (d *daemon) stopAdmin() {
 	}
 }
 
+// newInstanceName returns 16 random hex digits.
+func newInstanceName() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails on Linux
+	return hex.EncodeToString(b[:])
+}
+
 func (d *daemon) statusDoc() status.Document {
 	ready, reason := d.ready()
 	alive, _ := d.alive()
@@ -619,9 +631,11 @@ func (d *daemon) statusDoc() status.Document {
 		listen = d.listenLn.Addr().String()
 	}
 	cs := status.Config{File: d.o.ConfigPath, LastReload: d.reloadAt, LastReloadOK: d.reloadOK, LastReloadError: d.reloadErr}
+	reuse := d.cfg.Listen.ReusePort
 	d.mu.Unlock()
 	doc := status.Document{
 		Ready: ready, Reason: reason, Alive: alive, Version: version.Version, Listen: listen,
+		Instance: d.instance, Started: d.started, ReusePort: reuse, ShuttingDown: d.shutting.Load(),
 		ActiveConnections: d.proxy.Active(), MaxConnections: int64(d.proxy.MaxConnections()),
 		RefusedConnections: d.proxy.Refused(), Config: cs, Upstreams: []status.Upstream{},
 	}

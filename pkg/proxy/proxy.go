@@ -105,6 +105,15 @@ type Options struct {
 	// starts (default 30s; negative = cut at once). See drain for what
 	// happens to new connections meanwhile.
 	DrainTimeout time.Duration
+	// DrainSpread: when a successor serves the port (SuccessorServes),
+	// the connections still open near the end of the drain are cut each
+	// at its own random moment within the last DrainSpread of it (at most
+	// half the drain) instead of all at once, so that their clients (a
+	// node's watches) reconnect to the successor spread out, once each.
+	// Without a successor they are cut together at the end: a client that
+	// reconnected earlier would only reach this draining process again.
+	// 0 = all at once.
+	DrainSpread time.Duration
 	// Replay enables handshake replay before the first upstream byte.
 	Replay bool
 	// FirstByteTimeout is how long an upstream may stay silent after the
@@ -404,10 +413,35 @@ func (s *Server) drain() {
 	if n := s.active.Load(); n > 0 {
 		o.Logger.Info("draining connections", "connections", n, "timeout", o.DrainTimeout, "accepting", accepting)
 	}
+	handedOver := !accepting
+	start := o.Now()
 	deadline := time.NewTimer(o.DrainTimeout)
 	defer deadline.Stop()
 	last := time.NewTimer(o.DrainTimeout - min(lastCall, o.DrainTimeout/4))
 	defer last.Stop()
+	spread := min(o.DrainSpread, o.DrainTimeout/2)
+	spreadAt := time.NewTimer(o.DrainTimeout - spread)
+	defer spreadAt.Stop()
+	spreadDue, spreading := false, false
+	stopSpread := make(chan struct{})
+	var spreadDone chan struct{}
+	defer func() {
+		close(stopSpread)
+		if spreadDone != nil {
+			<-spreadDone
+		}
+	}()
+	startSpread := func() {
+		if spreading || !spreadDue || !handedOver || spread <= 0 {
+			return
+		}
+		spreading = true
+		spreadDone = make(chan struct{})
+		go func() {
+			defer close(spreadDone)
+			s.cutSpread(o, start.Add(o.DrainTimeout).Sub(o.Now()), stopSpread)
+		}()
+	}
 	check := time.NewTicker(successorCheck)
 	defer check.Stop()
 	for {
@@ -423,18 +457,64 @@ func (s *Server) drain() {
 		case <-check.C:
 			if accepting && s.successorServes() {
 				s.stopAccepting()
-				accepting = false
+				accepting, handedOver = false, true
 				o.Logger.Info("a successor serves the port now: new connections go there")
+				startSpread()
 			}
 		case <-last.C:
 			if accepting {
 				s.stopAccepting()
 				accepting = false
 			}
+		case <-spreadAt.C:
+			spreadDue = true
+			startSpread()
 		case <-deadline.C:
 			s.stopAccepting()
 			s.cutAll(o)
 			return
+		}
+	}
+}
+
+// cutSpread cuts the connections open now, each at its own random moment
+// within window, until stop is closed (the drain is over: cutAll takes
+// what is left). It reports the cuts like cutAll.
+func (s *Server) cutSpread(o *Options, window time.Duration, stop <-chan struct{}) {
+	s.mu.Lock()
+	victims := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		victims = append(victims, c)
+	}
+	s.mu.Unlock()
+	if len(victims) == 0 || window <= 0 {
+		return
+	}
+	offsets := make([]time.Duration, len(victims))
+	for i := range offsets {
+		offsets[i] = time.Duration(rand.Int64N(int64(window))) //nolint:gosec // jitter needs no crypto randomness
+	}
+	slices.Sort(offsets)
+	o.Logger.Info("cutting the connections left spread out, before the drain ends", "connections", len(victims), "over", window.Round(time.Millisecond))
+	begin := o.Now()
+	cut := 0
+	defer func() {
+		if cut > 0 {
+			o.Observer.DrainCut(cut)
+		}
+	}()
+	for i, c := range victims {
+		if wait := offsets[i] - o.Now().Sub(begin); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+		if c.kill(reasonDrain) {
+			cut++
 		}
 	}
 }

@@ -524,6 +524,58 @@ func TestDrainWithASuccessorStopsAcceptingAtOnce(t *testing.T) {
 	}
 }
 
+// With a successor on the port, the streams left at the end of the drain
+// (a node's watches) are cut spread over the last DrainSpread, each once,
+// so that their clients do not all reconnect to the successor together.
+func TestDrainWithASuccessorCutsStreamsSpreadOut(t *testing.T) {
+	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
+	var cut atomic.Int32
+	const drain, spread, streams = 4 * time.Second, 2 * time.Second, 10
+	h := startProxy(t, Options{DrainTimeout: drain, DrainSpread: spread, SuccessorServes: OtherListener,
+		Observer: countDrainCut{n: &cut}}, []string{b.addr()}, b.addr())
+	conns := h.dialEchoed(t, streams)
+	succ, err := Listen(context.Background(), h.ln.Addr().String(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = succ.Close() }()
+	closedAt := make(chan time.Time, streams)
+	for _, c := range conns {
+		go func() {
+			_ = c.SetReadDeadline(time.Now().Add(time.Minute))
+			_, _ = io.Copy(io.Discard, c)
+			closedAt <- time.Now()
+		}()
+	}
+	start := time.Now()
+	stopped := make(chan struct{})
+	go func() { h.stop(); close(stopped) }()
+	var first, last time.Time
+	for range streams {
+		select {
+		case at := <-closedAt:
+			if first.IsZero() || at.Before(first) {
+				first = at
+			}
+			if at.After(last) {
+				last = at
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("a stream was not cut within a minute of the drain's start")
+		}
+	}
+	<-stopped
+	if early := first.Sub(start); early < drain-spread-50*time.Millisecond {
+		t.Errorf("the first stream was cut %s into the drain, before the last %s of it", early, spread)
+	}
+	if width := last.Sub(first); width < 200*time.Millisecond {
+		t.Errorf("%d streams were cut within %s of each other, not spread over %s", streams, width, spread)
+	}
+	if cut.Load() != streams {
+		t.Errorf("drain cut %d connections, want %d (each once)", cut.Load(), streams)
+	}
+}
+
 func TestDrainOfAnIdleServerEndsAtOnce(t *testing.T) {
 	b := startBackend(t, "tcp", "127.0.0.1:0", echo)
 	h := startProxy(t, Options{DrainTimeout: time.Minute}, []string{b.addr()}, b.addr())

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/hex"
+	"fmt"
 	"net"
 	"strconv"
 	"strings"
@@ -80,4 +81,20 @@ func parseProcAddr(s string) (net.IP, int, bool) {
 		b[i], b[i+1], b[i+2], b[i+3] = b[i+3], b[i+2], b[i+1], b[i]
 	}
 	return net.IP(b), int(port), true
+}
+
+// ListenerCount returns how many listening TCP sockets serve addr
+// (host:port; same port and same address, or either side a wildcard) in
+// this network namespace, whoever holds them: two while a successor and
+// its predecessor share the port. It reads /proc/net/tcp and /proc/net/tcp6.
+func ListenerCount(addr string) (int, error) {
+	ta, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		return 0, fmt.Errorf("listener address %q: %w", addr, err)
+	}
+	ms, err := listenersOn(ta, 0)
+	if err != nil {
+		return 0, err
+	}
+	return len(ms), nil
 }

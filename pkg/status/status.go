@@ -16,6 +16,17 @@ type Document struct {
 	Version string `json:"version"`
 	// Listen is the address of the proxy listener ("" before it is bound).
 	Listen string `json:"listen"`
+	// Instance is a random name this process chose at start: two
+	// instances that share the ports (SO_REUSEPORT, during a handover)
+	// tell apart which of them answered.
+	Instance string `json:"instance,omitempty"`
+	// Started is when this process started.
+	Started time.Time `json:"started,omitzero"`
+	// ReusePort reports whether the ports are bound with SO_REUSEPORT
+	// (listen.reuse_port), so that a successor can bind beside them.
+	ReusePort bool `json:"reuse_port,omitempty"`
+	// ShuttingDown is set once the process drains.
+	ShuttingDown bool `json:"shutting_down,omitempty"`
 	// ActiveConnections counts client connections currently proxied.
 	ActiveConnections int64 `json:"active_connections"`
 	// MaxConnections is the cap on ActiveConnections (proxy.max_connections

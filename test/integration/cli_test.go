@@ -210,3 +210,42 @@ func writeFile(t testing.TB, path, content string) {
 		t.Fatal(err)
 	}
 }
+
+// TestStaticPodUpgradeBadInput: `extractedprism static-pod upgrade` exits 2
+// on bad usage and 1 when it cannot upgrade, naming what is wrong, and
+// changes nothing in the static pod directory.
+func TestStaticPodUpgradeBadInput(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(t.TempDir(), "new.yaml")
+	if err := os.WriteFile(good, []byte("apiVersion: v1\nkind: Pod\nmetadata:\n  name: extractedprism\n  namespace: kube-system\n"+
+		"spec:\n  containers:\n    - name: extractedprism\n      image: img:2\n      args: [--reuse-port=true]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		args []string
+		code int
+		want []string
+	}{
+		{"no subcommand", []string{"static-pod"}, 2, []string{"want a subcommand", "static-pod upgrade --manifest FILE"}},
+		{"no manifest", []string{"static-pod", "upgrade"}, 2, []string{"--manifest is required"}},
+		{"unreadable manifest", []string{"static-pod", "upgrade", "--manifest", filepath.Join(dir, "missing.yaml")}, 2, []string{"missing.yaml"}},
+		{"nothing installed", []string{"static-pod", "upgrade", "--manifest", good, "--manifest-dir", dir, "--admin-address", loopback(freePort(t))},
+			1, []string{"no static pod named extractedprism or extractedprism-b in " + dir, "install the manifest there first"}},
+	}
+	for _, c := range cases {
+		code, stdout, stderr := runCmd(t, nil, c.args...)
+		out := stdout + stderr
+		if code != c.code {
+			t.Errorf("%s: exit %d, want %d:\n%s", c.name, code, c.code, out)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: output does not name %q:\n%s", c.name, w, out)
+			}
+		}
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("the static pod directory changed: %v", entries)
+	}
+}
