@@ -46,7 +46,7 @@ node-e2e-image:
 	  IMAGE_DIR=$(NODE_E2E_DIR)/bin IMAGE_TAR=$(NODE_E2E_IMAGE_TAR)
 
 ## node-e2e: the image, the kubeadm static pod and the Helm chart under a real kubelet (root).
-node-e2e: need-node-e2e node-e2e-tools node-e2e-image $(BIN)/nodetools
+node-e2e: need-node-e2e node-e2e-tools node-e2e-image $(BIN)/nodetools $(BIN)/extractedprism
 	cd test/node && EP_NODE_BIN=$(BIN) EP_NODE_REPORT=$(BIN)/node-e2e-report.txt \
 	  EP_NODE_IMAGE_TAR=$(CURDIR)/$(NODE_E2E_IMAGE_TAR) EP_NODE_IMAGE_REPO=$(NODE_E2E_REPO) \
 	  EP_NODE_IMAGE_TAG=$(NODE_E2E_VERSION) \

@@ -447,3 +447,35 @@ func TestUpgradeWhenTheAdminPortDoesNotAnswer(t *testing.T) {
 		t.Fatalf("Upgrade = %v; want an error saying the running pod does not answer", err)
 	}
 }
+
+// The manifest users copy must be one the upgrade can hand over from.
+func TestShippedManifestCanHandOver(t *testing.T) {
+	data, err := os.ReadFile("../../manifests/kubeadm/extractedprism.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := parseManifest(data, "manifests/kubeadm/extractedprism.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, why := m.reusePort(); !ok {
+		t.Fatalf("the shipped manifest cannot bind beside a running pod: %s", why)
+	}
+	if m.name != "extractedprism" {
+		t.Fatalf("the shipped pod is named %q, want extractedprism (the first slot)", m.name)
+	}
+	b, err := m.withName("extractedprism" + SlotSuffix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := parseManifest(b, "renamed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if other.name != "extractedprism-b" || !other.sameAs(m) {
+		t.Fatalf("the renamed manifest is named %q and differs otherwise: %v", other.name, !other.sameAs(m))
+	}
+	if !strings.Contains(string(b), "# Upgrade with `extractedprism static-pod upgrade") {
+		t.Errorf("renaming lost the manifest's comments:\n%s", b)
+	}
+}

@@ -20,7 +20,7 @@ func TestNode(t *testing.T) {
 	c.bootNode(t)
 	t.Run("1-static-pod-bootstrap", c.staticPodBootstrap)
 	t.Run("2-apiserver-sigkill", c.apiserverSigkill)
-	t.Run("8-static-pod-change", c.staticPodChange)
+	t.Run("8-static-pod-upgrade", c.staticPodUpgrade)
 	t.Run("3-helm-daemonset", c.helmDaemonSet)
 	t.Run("7-probes-security-context", c.probesAndSecurityContext)
 	t.Run("5-config-reload", c.configReload)
@@ -180,7 +180,7 @@ func (c *cluster) bootNode(t *testing.T) {
 	env.nodeReady = ready
 	// A misspelt kubelet setting is only logged, and then silently not
 	// applied: refuse it.
-	if b, err := os.ReadFile(c.kubelet.log); err == nil && strings.Contains(string(b), "strict decoding error") {
+	if b, err := os.ReadFile(c.kubelet.Log); err == nil && strings.Contains(string(b), "strict decoding error") {
 		t.Fatalf("the kubelet ignored part of its configuration:\n%s", firstLine(string(b), "strict decoding error"))
 	}
 	if !balancerUp.IsZero() {
