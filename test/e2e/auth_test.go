@@ -48,9 +48,9 @@ func startAuthCluster(t *testing.T, extra ...string) []*apiserver {
 	t.Helper()
 	as := make([]*apiserver, len(apiserverIPs))
 	for i, ip := range apiserverIPs {
-		as[i] = env.startAPIServer(t, ip, extra...)
+		as[i] = env.RunAPIServer(t, ip, extra...)
 	}
-	env.waitReady(t, as...)
+	env.WaitReady(t, as...)
 	return as
 }
 
@@ -66,11 +66,11 @@ func TestAuthAnonymousOff(t *testing.T) {
 	// cluster, so it lives as long as the cluster) and waits for all.
 	healthy := func() {
 		for _, a := range as {
-			if !a.p.running() {
-				env.restartAPIServer(t, a)
+			if !a.P.Running() {
+				env.RerunAPIServer(t, a)
 			}
 		}
-		env.waitReady(t, as...)
+		env.WaitReady(t, as...)
 	}
 	for _, c := range []struct {
 		name string
@@ -122,13 +122,13 @@ func TestAuthAnonymousHealthOnly(t *testing.T) {
 	summary := fmt.Sprintf("auth, anonymous only on /livez /readyz /healthz (AuthenticationConfiguration), no probe credentials: every upstream up with readiness checked %s after start; anonymous GET /api %d, /readyz %d, /livez %d through extractedprism; terminating apiserver (/readyz 500) marked down %s after SIGTERM (bound %s), reason %q",
 		upAt.Sub(d.start).Round(time.Millisecond), codes["/api"], codes["/readyz"], codes["/livez"],
 		detect.Round(time.Millisecond), authUnreadyBound, reason)
-	env.record("%s", summary)
+	env.Record("%s", summary)
 	t.Log(summary)
 	if detect > authUnreadyBound+authBoundSlack {
 		t.Errorf("the unready apiserver was marked down %s after SIGTERM, want within %s (+%s slack)", detect, authUnreadyBound, authBoundSlack)
 	}
-	if err := d.p.stop(time.Minute); err != nil {
-		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 	}
 }
 
@@ -160,12 +160,12 @@ func testNoProbeCredentials(t *testing.T, as []*apiserver) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kc, err := env.certKubeconfig("e2e-admin-cert", "https://"+proxyAddr, cert, key)
+	kc, err := env.CertKubeconfig("e2e-admin-cert", "https://"+proxyAddr, cert, key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	kctx, kcancel := context.WithTimeout(context.Background(), time.Minute)
-	got, err := env.kubectlWith(kctx, kc, "", "get", "namespaces", "-o", "name")
+	got, err := env.KubectlWith(kctx, kc, "", "get", "namespaces", "-o", "name")
 	kcancel()
 	if err != nil || !strings.Contains(got, "namespace/default") {
 		t.Fatalf("kubectl with a client certificate through extractedprism: %q %v", got, err)
@@ -179,7 +179,7 @@ func testNoProbeCredentials(t *testing.T, as []*apiserver) {
 	for _, a := range as {
 		n := 0
 		for line := range strings.Lines(logs) {
-			if strings.Contains(line, "level=WARN") && strings.Contains(line, "upstream="+a.addr()+" ") &&
+			if strings.Contains(line, "level=WARN") && strings.Contains(line, "upstream="+a.Addr()+" ") &&
 				strings.Contains(line, `answer="`+unknown401+`"`) {
 				n++
 				if !strings.Contains(line, "probe.bearer_token_file") || !strings.Contains(line, "anonymous.conditions") {
@@ -188,27 +188,27 @@ func testNoProbeCredentials(t *testing.T, as []*apiserver) {
 			}
 		}
 		if n != 1 {
-			t.Errorf("the log warns of %s's unknown readiness %d times, want once", a.addr(), n)
+			t.Errorf("the log warns of %s's unknown readiness %d times, want once", a.Addr(), n)
 		}
 	}
 
 	// SIGSTOP one apiserver under kubectl load (client certificate).
 	load := env.startLoadWith(t, func(ctx context.Context) error {
-		_, err := env.kubectlWith(ctx, kc, "", "get", "configmaps", "-n", "default", "-o", "name")
+		_, err := env.KubectlWith(ctx, kc, "", "get", "configmaps", "-n", "default", "-o", "name")
 		return err
 	})
 	started := time.Now()
 	waitRuns(t, load, started, 3)
 	victim := as[2]
 	stopped := time.Now()
-	victim.p.signal(syscall.SIGSTOP)
-	t.Cleanup(func() { victim.p.signal(syscall.SIGCONT) })
+	victim.P.Signal(syscall.SIGSTOP)
+	t.Cleanup(func() { victim.P.Signal(syscall.SIGCONT) })
 	downDoc, downAt := d.waitStatus(t, "the stopped apiserver down", 2*time.Minute, func(doc status.Document) bool {
-		u, ok := upstream(doc, victim.addr())
+		u, ok := upstream(doc, victim.Addr())
 		return ok && u.State == "down"
 	})
 	detect := downAt.Sub(stopped)
-	downUp, _ := upstream(downDoc, victim.addr())
+	downUp, _ := upstream(downDoc, victim.Addr())
 	assertAdminReadyz(t)
 	waitRuns(t, load, downAt, 5)
 	load.stop()
@@ -217,9 +217,9 @@ func testNoProbeCredentials(t *testing.T, as []*apiserver) {
 	slowest := slowestRun(load, stopped)
 
 	cont := time.Now()
-	victim.p.signal(syscall.SIGCONT)
+	victim.P.Signal(syscall.SIGCONT)
 	_, backAt := d.waitStatus(t, "the continued apiserver up", 2*time.Minute, func(doc status.Document) bool {
-		u, ok := upstream(doc, victim.addr())
+		u, ok := upstream(doc, victim.Addr())
 		return ok && u.State == "up" && u.ReadinessUnknown == unknown401
 	})
 
@@ -227,7 +227,7 @@ func testNoProbeCredentials(t *testing.T, as []*apiserver) {
 		unknown401, upAt.Sub(d.start).Round(time.Millisecond), detect.Round(time.Millisecond), authHungBound, downUp.Reason,
 		len(before.failed), before.total, len(after.failed), after.total, slowest.Round(time.Millisecond),
 		len(straddled.failed), straddled.total, backAt.Sub(cont).Round(time.Millisecond))
-	env.record("%s", summary)
+	env.Record("%s", summary)
 	t.Log(summary)
 	for _, f := range append(append(before.failed, straddled.failed...), after.failed...) {
 		t.Logf("failed: %s", f)
@@ -245,8 +245,8 @@ func testNoProbeCredentials(t *testing.T, as []*apiserver) {
 	if after.total < 5 {
 		t.Errorf("only %d kubectl commands started after the stop", after.total)
 	}
-	if err := d.p.stop(time.Minute); err != nil {
-		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 	}
 }
 
@@ -264,12 +264,12 @@ metadata:
 // --probe-ca-file; then readiness is checked, and an apiserver that turns
 // unready (terminating, /readyz 500) leaves within the unready bound.
 func testProbeBearerToken(t *testing.T, as []*apiserver) {
-	env.mustKubectl(t, as[0].addr(), probeServiceAccount, "apply", "-f", "-")
-	token := strings.TrimSpace(env.mustKubectl(t, as[0].addr(), "", "create", "token", "extractedprism-probe", "-n", "kube-system", "--duration=1h"))
+	env.MustKubectl(t, as[0].Addr(), probeServiceAccount, "apply", "-f", "-")
+	token := strings.TrimSpace(env.MustKubectl(t, as[0].Addr(), "", "create", "token", "extractedprism-probe", "-n", "kube-system", "--duration=1h"))
 	if strings.Count(token, ".") != 2 {
 		t.Fatalf("kubectl create token printed %q, not a JWT", token)
 	}
-	tokenFile := filepath.Join(env.dir, "probe-token")
+	tokenFile := filepath.Join(env.Dir, "probe-token")
 	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -278,13 +278,13 @@ func testProbeBearerToken(t *testing.T, as []*apiserver) {
 	d := env.startDaemon(t, append(healthDaemonArgs(as), "--probe-bearer-token-file="+tokenFile, "--probe-ca-file=none")...)
 	waitReadiness(t, d, as, unknown401)
 	if !strings.Contains(runLog(d), "the token is not sent") {
-		t.Errorf("the log does not say that the token is not sent without verification:\n%s", d.p.tail(20))
+		t.Errorf("the log does not say that the token is not sent without verification:\n%s", d.p.Tail(20))
 	}
-	if err := d.p.stop(time.Minute); err != nil {
-		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 	}
 
-	d = env.startDaemon(t, append(healthDaemonArgs(as), "--probe-bearer-token-file="+tokenFile, "--probe-ca-file="+env.caFile)...)
+	d = env.startDaemon(t, append(healthDaemonArgs(as), "--probe-bearer-token-file="+tokenFile, "--probe-ca-file="+env.CA.File)...)
 	_, upAt := waitReadiness(t, d, as, "")
 	assertReadinessMetric(t, as, 0)
 	assertAdminReadyz(t)
@@ -294,17 +294,17 @@ func testProbeBearerToken(t *testing.T, as []*apiserver) {
 	assertAdminReadyz(t)
 	summary := fmt.Sprintf("auth, --anonymous-auth=false, service account token (--probe-bearer-token-file, --probe-ca-file): not sent without verification (%q); with it every upstream up with readiness checked %s after start; terminating apiserver (/readyz 500) marked down %s after SIGTERM (bound %s), reason %q",
 		unknown401, upAt.Sub(d.start).Round(time.Millisecond), detect.Round(time.Millisecond), authUnreadyBound, reason)
-	env.record("%s", summary)
+	env.Record("%s", summary)
 	t.Log(summary)
 	if detect > authUnreadyBound+authBoundSlack {
 		t.Errorf("the unready apiserver was marked down %s after SIGTERM, want within %s (+%s slack)", detect, authUnreadyBound, authBoundSlack)
 	}
-	if err := d.p.stop(time.Minute); err != nil {
-		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 	}
 	// End the terminating apiserver's shutdown delay; the cluster starts it
 	// again for the next subtest.
-	victim.p.kill()
+	victim.P.Kill()
 }
 
 // testProbeClientCertificate: a client certificate signed by the cluster's
@@ -325,14 +325,14 @@ func testProbeClientCertificate(t *testing.T, as []*apiserver) {
 	assertAdminReadyz(t)
 	summary := fmt.Sprintf("auth, --anonymous-auth=false, client certificate system:node:e2e (--probe-client-cert-file, --probe-client-key-file): every upstream up with readiness checked %s after start; terminating apiserver (/readyz 500) marked down %s after SIGTERM (bound %s), reason %q",
 		upAt.Sub(d.start).Round(time.Millisecond), detect.Round(time.Millisecond), authUnreadyBound, reason)
-	env.record("%s", summary)
+	env.Record("%s", summary)
 	t.Log(summary)
 	if detect > authUnreadyBound+authBoundSlack {
 		t.Errorf("the unready apiserver was marked down %s after SIGTERM, want within %s (+%s slack)", detect, authUnreadyBound, authBoundSlack)
 	}
-	victim.p.kill()
-	if err := d.p.stop(time.Minute); err != nil {
-		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+	victim.P.Kill()
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 	}
 }
 
@@ -350,7 +350,7 @@ func waitReadiness(t *testing.T, d *daemon, as []*apiserver, want string) (statu
 			return false
 		}
 		for _, a := range as {
-			u, ok := upstream(doc, a.addr())
+			u, ok := upstream(doc, a.Addr())
 			if !ok || u.State != "up" {
 				return false
 			}
@@ -369,15 +369,15 @@ func waitReadiness(t *testing.T, d *daemon, as []*apiserver, want string) (statu
 func unreadyLeaves(t *testing.T, d *daemon, a *apiserver) (time.Duration, string) {
 	t.Helper()
 	term := time.Now()
-	a.p.signal(syscall.SIGTERM)
-	doc, downAt := d.waitStatus(t, a.ip+" down", 2*time.Minute, func(doc status.Document) bool {
-		u, ok := upstream(doc, a.addr())
+	a.P.Signal(syscall.SIGTERM)
+	doc, downAt := d.waitStatus(t, a.IP+" down", 2*time.Minute, func(doc status.Document) bool {
+		u, ok := upstream(doc, a.Addr())
 		return ok && u.State == "down"
 	})
-	if !a.p.running() || !env.answers(a) {
-		t.Errorf("%s no longer serves %s after SIGTERM: the test wanted an unready apiserver, not a gone one", a.p.name, time.Since(term).Round(time.Millisecond))
+	if !a.P.Running() || !env.Answers(a) {
+		t.Errorf("%s no longer serves %s after SIGTERM: the test wanted an unready apiserver, not a gone one", a.P.Name, time.Since(term).Round(time.Millisecond))
 	}
-	u, _ := upstream(doc, a.addr())
+	u, _ := upstream(doc, a.Addr())
 	reason := u.Reason
 	if reason == "" {
 		reason = u.LastError
@@ -409,8 +409,8 @@ func assertReadinessMetric(t *testing.T, as []*apiserver, want float64) {
 		t.Fatal(err)
 	}
 	for _, a := range as {
-		if v, ok := got[a.addr()]; !ok || v != want {
-			t.Errorf("extractedprism_upstream_readiness_unknown{upstream=%q} = %v (listed %v), want %v", a.addr(), v, ok, want)
+		if v, ok := got[a.Addr()]; !ok || v != want {
+			t.Errorf("extractedprism_upstream_readiness_unknown{upstream=%q} = %v (listed %v), want %v", a.Addr(), v, ok, want)
 		}
 	}
 }
@@ -459,7 +459,7 @@ func anonymousGet(server, path string) (int, error) {
 	c := &http.Client{
 		Timeout: 10 * time.Second,
 		Transport: &http.Transport{
-			TLSClientConfig:   &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12},
+			TLSClientConfig:   &tls.Config{RootCAs: env.CA.Pool, MinVersion: tls.VersionTLS12},
 			DisableKeepAlives: true,
 		},
 	}
@@ -475,7 +475,7 @@ func anonymousGet(server, path string) (int, error) {
 // runLog returns the log of d's run (the harness appends every run of a
 // name to one file, each after a "=== " header line).
 func runLog(d *daemon) string {
-	b, err := os.ReadFile(d.p.log)
+	b, err := os.ReadFile(d.p.Log)
 	if err != nil {
 		return ""
 	}

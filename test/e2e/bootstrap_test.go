@@ -52,16 +52,16 @@ func sources(doc status.Document) map[string]string {
 // works, comes back when discovery is lost, follows a config reload, and goes
 // again when discovery returns.
 func TestDaemonBootstrapOnly(t *testing.T) {
-	a := env.startAPIServer(t, apiserverIPs[0])
-	b := env.startAPIServer(t, apiserverIPs[1])
-	env.waitReady(t, a, b)
-	env.applyRBAC(t, a.addr())
+	a := env.RunAPIServer(t, apiserverIPs[0])
+	b := env.RunAPIServer(t, apiserverIPs[1])
+	env.WaitReady(t, a, b)
+	env.applyRBAC(t, a.Addr())
 	// Start once both apiservers are in the EndpointSlice (a fresh one can
 	// take a lease period to list itself).
-	env.pollSlice(t).waitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
-		return slices.Equal(s, []string{a.addr(), b.addr()})
+	env.PollSlice(t, apiserverIPs).WaitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
+		return slices.Equal(s, []string{a.Addr(), b.Addr()})
 	})
-	kc, err := env.kubeconfig("discovery", "https://"+a.addr(), env.discToken)
+	kc, err := env.TokenKubeconfig("discovery", "https://"+a.Addr(), env.discToken)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,26 +70,26 @@ func TestDaemonBootstrapOnly(t *testing.T) {
 	cfg := filepath.Join(dir, "config.yaml")
 	// 198.51.100.14 is a retired bootstrap address: nothing answers there.
 	retired, later := "198.51.100.14:6443", "198.51.100.15:6443"
-	if err := os.WriteFile(cfg, []byte(bootstrapConfig([]string{a.addr(), retired}, kc, state)), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(bootstrapConfig([]string{a.Addr(), retired}, kc, state)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	d := env.startDaemon(t, "--config="+cfg)
 
 	_, at := d.waitStatus(t, "static dropped after discovery", 2*time.Minute, func(doc status.Document) bool {
 		s := sources(doc)
-		return len(s) == 2 && s[a.addr()] == "discovered" && s[b.addr()] == "discovered"
+		return len(s) == 2 && s[a.Addr()] == "discovered" && s[b.Addr()] == "discovered"
 	})
-	env.record("bootstrap-only: start -> static endpoints dropped for the discovered ones: %s", at.Sub(d.start).Round(time.Millisecond))
+	env.Record("bootstrap-only: start -> static endpoints dropped for the discovered ones: %s", at.Sub(d.start).Round(time.Millisecond))
 
 	killed := time.Now()
-	a.p.kill()
-	b.p.kill()
+	a.P.Kill()
+	b.P.Kill()
 	_, lost := d.waitStatus(t, "discovery error", time.Minute, func(doc status.Document) bool { return doc.Discovery.State == "error" })
 	_, at = d.waitStatus(t, "static restored", time.Minute, func(doc status.Document) bool {
 		s := sources(doc)
-		return s[retired] == "static" && s[a.addr()] == "static" && s[b.addr()] == "discovered"
+		return s[retired] == "static" && s[a.Addr()] == "static" && s[b.Addr()] == "discovered"
 	})
-	env.record("bootstrap-only: apiservers killed -> discovery error %s -> static restored %s later (static_restore_after 5s)",
+	env.Record("bootstrap-only: apiservers killed -> discovery error %s -> static restored %s later (static_restore_after 5s)",
 		lost.Sub(killed).Round(time.Millisecond), at.Sub(lost).Round(time.Millisecond))
 	if at.Sub(lost) < 4*time.Second {
 		t.Fatalf("static endpoints restored %s after discovery was lost, before static_restore_after (5s)", at.Sub(lost))
@@ -97,33 +97,33 @@ func TestDaemonBootstrapOnly(t *testing.T) {
 
 	// A config reload replaces the static endpoints.
 	reload := time.Now()
-	if err := os.WriteFile(cfg+".new", []byte(bootstrapConfig([]string{a.addr(), later}, kc, state)), 0o600); err != nil {
+	if err := os.WriteFile(cfg+".new", []byte(bootstrapConfig([]string{a.Addr(), later}, kc, state)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Rename(cfg+".new", cfg); err != nil {
 		t.Fatal(err)
 	}
-	d.p.signal(syscall.SIGHUP)
+	d.p.Signal(syscall.SIGHUP)
 	_, at = d.waitStatus(t, "reloaded static endpoints", time.Minute, func(doc status.Document) bool {
 		s := sources(doc)
 		_, old := s[retired]
 		return s[later] == "static" && !old
 	})
-	env.record("bootstrap-only: config reload -> new static endpoints in /status: %s", at.Sub(reload).Round(time.Millisecond))
+	env.Record("bootstrap-only: config reload -> new static endpoints in /status: %s", at.Sub(reload).Round(time.Millisecond))
 
-	*a = *env.startAPIServer(t, a.ip)
-	*b = *env.startAPIServer(t, b.ip)
-	back := env.waitReady(t, a)
+	*a = *env.RunAPIServer(t, a.IP)
+	*b = *env.RunAPIServer(t, b.IP)
+	back := env.WaitReady(t, a)
 	_, at = d.waitStatus(t, "static dropped again", 2*time.Minute, func(doc status.Document) bool {
 		s := sources(doc)
 		_, l := s[later]
-		return !l && s[a.addr()] == "discovered" && doc.Discovery.State == "synced"
+		return !l && s[a.Addr()] == "discovered" && doc.Discovery.State == "synced"
 	})
-	env.record("bootstrap-only: API back -> static dropped again: %s", at.Sub(back).Round(time.Millisecond))
+	env.Record("bootstrap-only: API back -> static dropped again: %s", at.Sub(back).Round(time.Millisecond))
 	if doc, err := d.status(); err == nil && slices.ContainsFunc(doc.Upstreams, func(u status.Upstream) bool { return u.Source == "static" }) {
 		t.Fatalf("static endpoints still listed: %s", describe(doc))
 	}
-	if err := d.p.stop(time.Minute); err != nil {
+	if err := d.p.Stop(time.Minute); err != nil {
 		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v", err)
 	}
 }

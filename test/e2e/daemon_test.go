@@ -65,20 +65,20 @@ func waitState(t *testing.T, path string, want []string) {
 // against real apiservers and real kubectl, through the scenarios of a
 // control plane that grows, loses members, restarts, and is down at boot.
 func TestDaemonFollowsRealAPIServers(t *testing.T) {
-	a := env.startAPIServer(t, apiserverIPs[0])
-	b := env.startAPIServer(t, apiserverIPs[1])
-	env.waitReady(t, a, b)
-	env.applyRBAC(t, a.addr())
-	sp := env.pollSlice(t)
-	sp.waitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
-		return slices.Equal(s, []string{a.addr(), b.addr()})
+	a := env.RunAPIServer(t, apiserverIPs[0])
+	b := env.RunAPIServer(t, apiserverIPs[1])
+	env.WaitReady(t, a, b)
+	env.applyRBAC(t, a.Addr())
+	sp := env.PollSlice(t, apiserverIPs)
+	sp.WaitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
+		return slices.Equal(s, []string{a.Addr(), b.Addr()})
 	})
 
-	kc, err := env.kubeconfig("discovery", "https://"+a.addr(), env.discToken)
+	kc, err := env.TokenKubeconfig("discovery", "https://"+a.Addr(), env.discToken)
 	if err != nil {
 		t.Fatal(err)
 	}
-	state := filepath.Join(env.dir, "state", "endpoints.json")
+	state := filepath.Join(env.Dir, "state", "endpoints.json")
 	d := env.startDaemon(t, daemonArgs(kc, state)...)
 	var load *loadLoop
 	var watch *watchLoop
@@ -91,59 +91,59 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 
 	step("one static endpoint discovers all", func() {
 		doc, at := d.waitStatus(t, "B discovered", 2*time.Minute, func(doc status.Document) bool {
-			return doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr())
+			return doc.Discovery.State == "synced" && hasDiscovered(doc, b.Addr())
 		})
-		env.record("daemon start (1 static endpoint) -> other apiserver discovered: %s", at.Sub(d.start).Round(time.Millisecond))
-		if u, _ := upstream(doc, a.addr()); u.Source != "static" {
+		env.Record("daemon start (1 static endpoint) -> other apiserver discovered: %s", at.Sub(d.start).Round(time.Millisecond))
+		if u, _ := upstream(doc, a.Addr()); u.Source != "static" {
 			t.Fatalf("static endpoint reported as %q: %s", u.Source, describe(doc))
 		}
 		if doc.Discovery.LastSync.IsZero() || !doc.Discovery.Enabled {
 			t.Fatalf("discovery status %+v", doc.Discovery)
 		}
 		_, at = d.waitStatus(t, "ready", time.Minute, func(doc status.Document) bool { return doc.Ready })
-		env.record("daemon start -> ready: %s", at.Sub(d.start).Round(time.Millisecond))
-		waitState(t, state, []string{a.addr(), b.addr()})
-		out := env.mustKubectl(t, proxyAddr, "", "get", "namespaces", "-o", "name")
+		env.Record("daemon start -> ready: %s", at.Sub(d.start).Round(time.Millisecond))
+		waitState(t, state, []string{a.Addr(), b.Addr()})
+		out := env.MustKubectl(t, proxyAddr, "", "get", "namespaces", "-o", "name")
 		if !strings.Contains(out, "namespace/default") {
 			t.Fatalf("kubectl get namespaces through extractedprism: %q", out)
 		}
-		env.mustKubectl(t, proxyAddr, "", "create", "configmap", "e2e-first", "-n", "default", "--from-literal=k=v")
+		env.MustKubectl(t, proxyAddr, "", "create", "configmap", "e2e-first", "-n", "default", "--from-literal=k=v")
 		watch = env.startWatch(t)
 		watch.waitSeen(t, "configmap/e2e-first", time.Minute)
 		load = env.startLoad(t)
 	})
 
-	c := env.startAPIServer(t, apiserverIPs[2])
+	c := env.RunAPIServer(t, apiserverIPs[2])
 	step("a third apiserver is discovered", func() {
-		ready := env.waitReady(t, c)
-		inSlice := sp.waitFor(t, "C listed", ready.Add(-time.Minute), 2*time.Minute, func(s []string) bool { return slices.Contains(s, c.addr()) })
-		_, at := d.waitStatus(t, "C discovered", 2*time.Minute, func(doc status.Document) bool { return hasDiscovered(doc, c.addr()) })
-		env.record("third apiserver: ready -> in EndpointSlice %s; EndpointSlice -> /status %s",
+		ready := env.WaitReady(t, c)
+		inSlice := sp.WaitFor(t, "C listed", ready.Add(-time.Minute), 2*time.Minute, func(s []string) bool { return slices.Contains(s, c.Addr()) })
+		_, at := d.waitStatus(t, "C discovered", 2*time.Minute, func(doc status.Document) bool { return hasDiscovered(doc, c.Addr()) })
+		env.Record("third apiserver: ready -> in EndpointSlice %s; EndpointSlice -> /status %s",
 			inSlice.Sub(ready).Round(time.Millisecond), at.Sub(inSlice).Round(time.Millisecond))
 		_, up := d.waitStatus(t, "C up", time.Minute, func(doc status.Document) bool {
-			u, ok := upstream(doc, c.addr())
+			u, ok := upstream(doc, c.Addr())
 			return ok && u.State == "up"
 		})
-		env.record("third apiserver: /status discovered -> probed up: %s", up.Sub(at).Round(time.Millisecond))
-		waitState(t, state, []string{a.addr(), b.addr(), c.addr()})
+		env.Record("third apiserver: /status discovered -> probed up: %s", up.Sub(at).Round(time.Millisecond))
+		waitState(t, state, []string{a.Addr(), b.Addr(), c.Addr()})
 	})
 
 	step("a SIGKILLed apiserver leaves when its lease expires, kubectl keeps working", func() {
 		// Let some commands reach C first.
 		time0 := time.Now()
 		killed := time.Now()
-		c.p.signal(syscall.SIGKILL)
-		_ = c.p.wait(time.Minute)
-		gone := sp.waitFor(t, "C gone", killed, 2*time.Minute, func(s []string) bool { return !slices.Contains(s, c.addr()) })
+		c.P.Signal(syscall.SIGKILL)
+		_ = c.P.Wait(time.Minute)
+		gone := sp.WaitFor(t, "C gone", killed, 2*time.Minute, func(s []string) bool { return !slices.Contains(s, c.Addr()) })
 		_, at := d.waitStatus(t, "C removed", 2*time.Minute, func(doc status.Document) bool {
-			_, ok := upstream(doc, c.addr())
+			_, ok := upstream(doc, c.Addr())
 			return !ok
 		})
-		env.record("SIGKILL of an apiserver: kill -> left EndpointSlice %s (lease expiry); EndpointSlice -> /status %s",
+		env.Record("SIGKILL of an apiserver: kill -> left EndpointSlice %s (lease expiry); EndpointSlice -> /status %s",
 			gone.Sub(killed).Round(time.Millisecond), at.Sub(gone).Round(time.Millisecond))
-		waitState(t, state, []string{a.addr(), b.addr()})
+		waitState(t, state, []string{a.Addr(), b.Addr()})
 		total, failed := load.between(time0, time.Now())
-		env.record("SIGKILL of an apiserver: %d kubectl commands through extractedprism, %d failed", total, len(failed))
+		env.Record("SIGKILL of an apiserver: %d kubectl commands through extractedprism, %d failed", total, len(failed))
 		if len(failed) > 0 {
 			t.Errorf("kubectl failed through extractedprism while an apiserver was dead:\n%s", strings.Join(failed, "\n"))
 		}
@@ -159,27 +159,27 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		for i, x := range []*apiserver{a, b} {
 			name := fmt.Sprintf("e2e-after-term-%d", i)
 			time0 := time.Now()
-			x.p.signal(syscall.SIGTERM)
-			gone := sp.waitFor(t, x.ip+" gone", time0, time.Minute, func(s []string) bool { return !slices.Contains(s, x.addr()) })
-			_, at := d.waitStatus(t, x.ip+" no longer discovered", time.Minute, func(doc status.Document) bool {
-				return !slices.Contains(doc.Discovery.Discovered, x.addr())
+			x.P.Signal(syscall.SIGTERM)
+			gone := sp.WaitFor(t, x.IP+" gone", time0, time.Minute, func(s []string) bool { return !slices.Contains(s, x.Addr()) })
+			_, at := d.waitStatus(t, x.IP+" no longer discovered", time.Minute, func(doc status.Document) bool {
+				return !slices.Contains(doc.Discovery.Discovered, x.Addr())
 			})
-			env.record("SIGTERM of %s: term -> left EndpointSlice %s; EndpointSlice -> /status %s",
-				x.ip, gone.Sub(time0).Round(time.Millisecond), at.Sub(gone).Round(time.Millisecond))
-			_, out := d.waitStatus(t, x.ip+" down or removed", time.Minute, func(doc status.Document) bool {
-				u, ok := upstream(doc, x.addr())
+			env.Record("SIGTERM of %s: term -> left EndpointSlice %s; EndpointSlice -> /status %s",
+				x.IP, gone.Sub(time0).Round(time.Millisecond), at.Sub(gone).Round(time.Millisecond))
+			_, out := d.waitStatus(t, x.IP+" down or removed", time.Minute, func(doc status.Document) bool {
+				u, ok := upstream(doc, x.Addr())
 				return !ok || u.State == "down"
 			})
-			env.record("SIGTERM of %s: term -> no longer used for new connections %s", x.ip, out.Sub(time0).Round(time.Millisecond))
+			env.Record("SIGTERM of %s: term -> no longer used for new connections %s", x.IP, out.Sub(time0).Round(time.Millisecond))
 			// A terminating apiserver keeps serving the watches it has until
 			// it exits (its HTTP server waits up to a minute for them), unless
 			// extractedprism closes them first.
-			if err := x.p.wait(2 * time.Minute); err != nil {
-				t.Logf("%s exit: %v", x.p.name, err)
+			if err := x.P.Wait(2 * time.Minute); err != nil {
+				t.Logf("%s exit: %v", x.P.Name, err)
 			}
-			env.record("SIGTERM of %s: term -> process exit %s", x.ip, time.Since(time0).Round(time.Millisecond))
+			env.Record("SIGTERM of %s: term -> process exit %s", x.IP, time.Since(time0).Round(time.Millisecond))
 			ended := watch.ended(time0, time.Now())
-			env.mustKubectl(t, proxyAddr, "", "create", "configmap", name, "-n", "default", "--from-literal=k=v")
+			env.MustKubectl(t, proxyAddr, "", "create", "configmap", name, "-n", "default", "--from-literal=k=v")
 			seen := watch.waitSeen(t, "configmap/"+name, time.Minute)
 			if len(ended) > 0 {
 				hit = true
@@ -187,23 +187,23 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 				if next.IsZero() || next.After(seen) {
 					t.Fatalf("no new watch session before the change was seen")
 				}
-				env.record("SIGTERM of %s: the kubectl watch riding on it ended %s after the signal; the next watch through extractedprism answered %s later",
-					x.ip, ended[0].end.Sub(time0).Round(time.Millisecond), next.Sub(ended[0].end).Round(time.Millisecond))
+				env.Record("SIGTERM of %s: the kubectl watch riding on it ended %s after the signal; the next watch through extractedprism answered %s later",
+					x.IP, ended[0].end.Sub(time0).Round(time.Millisecond), next.Sub(ended[0].end).Round(time.Millisecond))
 			}
 			total, failed := load.between(time0, time.Now())
-			env.record("SIGTERM of %s: %d kubectl commands through extractedprism, %d failed", x.ip, total, len(failed))
+			env.Record("SIGTERM of %s: %d kubectl commands through extractedprism, %d failed", x.IP, total, len(failed))
 			if len(failed) > 0 {
-				t.Errorf("kubectl failed through extractedprism after SIGTERM of %s:\n%s", x.ip, strings.Join(failed, "\n"))
+				t.Errorf("kubectl failed through extractedprism after SIGTERM of %s:\n%s", x.IP, strings.Join(failed, "\n"))
 			}
 
 			// Bring it back on the same address.
-			*x = *env.startAPIServer(t, x.ip)
-			ready := env.waitReady(t, x)
-			_, at = d.waitStatus(t, x.ip+" back", 2*time.Minute, func(doc status.Document) bool {
-				u, ok := upstream(doc, x.addr())
-				return ok && u.State == "up" && slices.Contains(doc.Discovery.Discovered, x.addr())
+			*x = *env.RunAPIServer(t, x.IP)
+			ready := env.WaitReady(t, x)
+			_, at = d.waitStatus(t, x.IP+" back", 2*time.Minute, func(doc status.Document) bool {
+				u, ok := upstream(doc, x.Addr())
+				return ok && u.State == "up" && slices.Contains(doc.Discovery.Discovered, x.Addr())
 			})
-			env.record("restart of %s: ready -> discovered and probed up: %s", x.ip, at.Sub(ready).Round(time.Millisecond))
+			env.Record("restart of %s: ready -> discovered and probed up: %s", x.IP, at.Sub(ready).Round(time.Millisecond))
 			if hit {
 				break
 			}
@@ -219,33 +219,33 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		// Stop A (the static endpoint) first: discovery then only knows B.
 		// A is killed once it has left the EndpointSlice, rather than
 		// waiting the minute a terminating apiserver gives its watches.
-		a.p.signal(syscall.SIGTERM)
+		a.P.Signal(syscall.SIGTERM)
 		d.waitStatus(t, "A no longer discovered", time.Minute, func(doc status.Document) bool {
-			return slices.Equal(doc.Discovery.Discovered, []string{b.addr()})
+			return slices.Equal(doc.Discovery.Discovered, []string{b.Addr()})
 		})
-		a.p.kill()
+		a.P.Kill()
 		// The last apiserver never removes itself from the EndpointSlice
 		// ("refusing to erase all endpoints"): it simply goes away.
-		b.p.kill()
-		waitState(t, state, []string{b.addr()})
-		if err := d.p.stop(time.Minute); err != nil {
-			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+		b.P.Kill()
+		waitState(t, state, []string{b.Addr()})
+		if err := d.p.Stop(time.Minute); err != nil {
+			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 		}
 
 		d = env.startDaemon(t, daemonArgs(kc, state)...)
 		doc, _ := d.waitStatus(t, "the state file's endpoint", time.Minute, func(doc status.Document) bool {
-			u, ok := upstream(doc, b.addr())
+			u, ok := upstream(doc, b.Addr())
 			return ok && u.Source == "state-file"
 		})
 		if doc.Ready {
 			t.Fatalf("ready with every apiserver down: %s", describe(doc))
 		}
-		*b = *env.startAPIServer(t, b.ip)
-		ready := env.waitReady(t, b)
+		*b = *env.RunAPIServer(t, b.IP)
+		ready := env.WaitReady(t, b)
 		var worked time.Time
 		for {
 			ctx, cancel := contextWithTimeout(20 * time.Second)
-			_, err := env.kubectl(ctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+			_, err := env.Kubectl(ctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
 			cancel()
 			if err == nil {
 				worked = time.Now()
@@ -257,17 +257,17 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 			time.Sleep(200 * time.Millisecond)
 		}
 		_, at := d.waitStatus(t, "B discovered", 2*time.Minute, func(doc status.Document) bool {
-			return doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr())
+			return doc.Discovery.State == "synced" && hasDiscovered(doc, b.Addr())
 		})
-		env.record("restart on the state file (static apiserver down): apiserver on a discovered address ready -> kubectl works %s, -> discovery synced %s",
+		env.Record("restart on the state file (static apiserver down): apiserver on a discovered address ready -> kubectl works %s, -> discovery synced %s",
 			worked.Sub(ready).Round(time.Millisecond), at.Sub(ready).Round(time.Millisecond))
 	})
 
 	step("API unreachable at start: static first, discovery later", func() {
-		if err := d.p.stop(time.Minute); err != nil {
+		if err := d.p.Stop(time.Minute); err != nil {
 			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v", err)
 		}
-		b.p.kill()
+		b.P.Kill()
 		if err := os.Remove(state); err != nil {
 			t.Fatal(err)
 		}
@@ -276,11 +276,11 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		doc, _ := d.waitStatus(t, "discovery failing for 8s", time.Minute, func(doc status.Document) bool {
 			return doc.Discovery.State == "error" && doc.Discovery.LastError != "" && time.Since(d.start) > 8*time.Second
 		})
-		if len(doc.Upstreams) != 1 || doc.Upstreams[0].Address != a.addr() || doc.Upstreams[0].Source != "static" {
+		if len(doc.Upstreams) != 1 || doc.Upstreams[0].Address != a.Addr() || doc.Upstreams[0].Source != "static" {
 			t.Fatalf("upstreams with the API down: %s", describe(doc))
 		}
-		aa := env.startAPIServer(t, a.ip)
-		bb := env.startAPIServer(t, b.ip)
+		aa := env.RunAPIServer(t, a.IP)
+		bb := env.RunAPIServer(t, b.IP)
 		*a, *b = *aa, *bb
 		started := time.Now()
 		// Poll the apiservers and /status together: when did the API come
@@ -290,10 +290,10 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 			if time.Since(started) > 3*time.Minute {
 				t.Fatalf("B not discovered within 3 minutes of the apiservers' start")
 			}
-			if back.IsZero() && (env.answers(a) || env.answers(b)) {
+			if back.IsZero() && (env.Answers(a) || env.Answers(b)) {
 				back = time.Now()
 			}
-			if doc, err := d.status(); err == nil && doc.Discovery.State == "synced" && hasDiscovered(doc, b.addr()) {
+			if doc, err := d.status(); err == nil && doc.Discovery.State == "synced" && hasDiscovered(doc, b.Addr()) {
 				at = time.Now()
 			}
 			time.Sleep(50 * time.Millisecond)
@@ -301,11 +301,11 @@ func TestDaemonFollowsRealAPIServers(t *testing.T) {
 		if back.IsZero() {
 			back = at
 		}
-		env.waitReady(t, a, b)
-		env.record("API down at start: extractedprism ran %s without an API; first HTTP answer of an apiserver -> other apiserver discovered %s",
+		env.WaitReady(t, a, b)
+		env.Record("API down at start: extractedprism ran %s without an API; first HTTP answer of an apiserver -> other apiserver discovered %s",
 			started.Sub(d.start).Round(time.Millisecond), at.Sub(back).Round(time.Millisecond))
-		env.mustKubectl(t, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
-		if err := d.p.stop(time.Minute); err != nil {
+		env.MustKubectl(t, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+		if err := d.p.Stop(time.Minute); err != nil {
 			t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v", err)
 		}
 	})

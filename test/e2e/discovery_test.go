@@ -104,53 +104,53 @@ func runManager(t *testing.T, o discovery.Options) (*discovery.Manager, *lists) 
 // TestDiscoveryAgainstRealAPIServers drives pkg/discovery directly (no
 // proxy in between) against real apiservers, with the restricted RBAC.
 func TestDiscoveryAgainstRealAPIServers(t *testing.T) {
-	a := env.startAPIServer(t, apiserverIPs[0])
-	b := env.startAPIServer(t, apiserverIPs[1])
-	env.waitReady(t, a, b)
-	env.applyRBAC(t, a.addr())
+	a := env.RunAPIServer(t, apiserverIPs[0])
+	b := env.RunAPIServer(t, apiserverIPs[1])
+	env.WaitReady(t, a, b)
+	env.applyRBAC(t, a.Addr())
 
-	kc, err := env.kubeconfig("discovery-direct", "https://"+a.addr(), env.discToken)
+	kc, err := env.TokenKubeconfig("discovery-direct", "https://"+a.Addr(), env.discToken)
 	if err != nil {
 		t.Fatal(err)
 	}
 	state := filepath.Join(t.TempDir(), "endpoints.json")
 	start := time.Now()
 	m, l := runManager(t, discovery.Options{
-		Static:     []string{a.addr()},
+		Static:     []string{a.Addr()},
 		Enabled:    true,
 		Kubeconfig: kc,
 		Debounce:   time.Second,
 		StateFile:  state,
 	})
-	both := fmt.Sprintf("%s/static %s/discovered", a.addr(), b.addr())
+	both := fmt.Sprintf("%s/static %s/discovered", a.Addr(), b.Addr())
 	at := l.waitList(t, both, time.Minute)
-	env.record("pkg/discovery direct: start -> both apiservers listed: %s", at.Sub(start).Round(time.Millisecond))
+	env.Record("pkg/discovery direct: start -> both apiservers listed: %s", at.Sub(start).Round(time.Millisecond))
 	if s := m.Status(); s.State != discovery.StateSynced {
 		t.Fatalf("status %+v", s)
 	}
 
-	c := env.startAPIServer(t, apiserverIPs[2])
-	ready := env.waitReady(t, c)
-	three := fmt.Sprintf("%s/static %s/discovered %s/discovered", a.addr(), b.addr(), c.addr())
+	c := env.RunAPIServer(t, apiserverIPs[2])
+	ready := env.WaitReady(t, c)
+	three := fmt.Sprintf("%s/static %s/discovered %s/discovered", a.Addr(), b.Addr(), c.Addr())
 	at = l.waitList(t, three, time.Minute)
-	env.record("pkg/discovery direct: third apiserver ready -> listed: %s (debounce 1s)", at.Sub(ready).Round(time.Millisecond))
+	env.Record("pkg/discovery direct: third apiserver ready -> listed: %s (debounce 1s)", at.Sub(ready).Round(time.Millisecond))
 	b1, err := os.ReadFile(state)
-	if err != nil || !strings.Contains(string(b1), c.addr()) {
-		t.Fatalf("state file %q (%v) does not hold %s", b1, err, c.addr())
+	if err != nil || !strings.Contains(string(b1), c.Addr()) {
+		t.Fatalf("state file %q (%v) does not hold %s", b1, err, c.Addr())
 	}
 
 	term := time.Now()
-	c.p.signal(syscall.SIGTERM)
+	c.P.Signal(syscall.SIGTERM)
 	at = l.waitList(t, both, time.Minute)
-	env.record("pkg/discovery direct: SIGTERM of an apiserver -> removed: %s (debounce 1s)", at.Sub(term).Round(time.Millisecond))
-	if err := c.p.wait(time.Minute); err != nil {
-		t.Logf("apiserver %s exit: %v", c.ip, err)
+	env.Record("pkg/discovery direct: SIGTERM of an apiserver -> removed: %s (debounce 1s)", at.Sub(term).Round(time.Millisecond))
+	if err := c.P.Wait(time.Minute); err != nil {
+		t.Logf("apiserver %s exit: %v", c.IP, err)
 	}
 
 	// The API's own EndpointSlices of another service: only the slice
 	// named after it is used (not another one with its label), an IPv6
 	// slice, a not-ready endpoint, a port picked by name.
-	env.mustKubectl(t, a.addr(), customSlices("true"), "apply", "-f", "-")
+	env.MustKubectl(t, a.Addr(), customSlices("true"), "apply", "-f", "-")
 	_, cl := runManager(t, discovery.Options{
 		Static:     []string{"192.0.2.1:6443"},
 		Enabled:    true,
@@ -159,9 +159,9 @@ func TestDiscoveryAgainstRealAPIServers(t *testing.T) {
 		Debounce:   200 * time.Millisecond,
 	})
 	cl.waitList(t, "192.0.2.1:6443/static [2001:db8::10]:8443/discovered [2001:db8::11]:8443/discovered", time.Minute)
-	env.mustKubectl(t, a.addr(), customSlices("false"), "apply", "-f", "-")
+	env.MustKubectl(t, a.Addr(), customSlices("false"), "apply", "-f", "-")
 	cl.waitList(t, "192.0.2.1:6443/static [2001:db8::10]:8443/discovered", time.Minute)
-	env.mustKubectl(t, a.addr(), "", "delete", "endpointslices", "-l", "kubernetes.io/service-name=e2e-dual")
+	env.MustKubectl(t, a.Addr(), "", "delete", "endpointslices", "-l", "kubernetes.io/service-name=e2e-dual")
 	// An empty answer never empties the set: the last list stays.
 	deadline := time.Now().Add(time.Minute)
 	for !cl.sawEmptySync() {
@@ -173,8 +173,8 @@ func TestDiscoveryAgainstRealAPIServers(t *testing.T) {
 	if got := cl.last(); got != "192.0.2.1:6443/static [2001:db8::10]:8443/discovered" {
 		t.Fatalf("after deleting every slice the list became %q", got)
 	}
-	if !slices.Contains(m.Status().Discovered, a.addr()) {
-		t.Fatalf("discovered %v lacks %s", m.Status().Discovered, a.addr())
+	if !slices.Contains(m.Status().Discovered, a.Addr()) {
+		t.Fatalf("discovered %v lacks %s", m.Status().Discovered, a.Addr())
 	}
 }
 

@@ -6,7 +6,10 @@ module github.com/extractedprism/extractedprism/test/e2e
 
 go 1.26.8
 
-require github.com/extractedprism/extractedprism v0.0.0
+require (
+	github.com/extractedprism/extractedprism v0.0.0
+	github.com/extractedprism/extractedprism/test/cluster v0.0.0
+)
 
 require (
 	github.com/davecgh/go-spew v1.1.2-0.20180830191138-d8f796af33cc // indirect
@@ -60,3 +63,5 @@ require (
 )
 
 replace github.com/extractedprism/extractedprism => ../..
+
+replace github.com/extractedprism/extractedprism/test/cluster => ../cluster

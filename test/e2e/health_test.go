@@ -28,7 +28,7 @@ import (
 func healthDaemonArgs(as []*apiserver) []string {
 	eps := make([]string, len(as))
 	for i, a := range as {
-		eps[i] = a.addr()
+		eps[i] = a.Addr()
 	}
 	return []string{
 		"--endpoints=" + strings.Join(eps, ","),
@@ -48,15 +48,15 @@ func healthDaemonArgs(as []*apiserver) []string {
 // run on its own (go test -run 'TestHealthUnderStress/EtcdKilled').
 func TestHealthUnderStress(t *testing.T) {
 	as := []*apiserver{
-		env.startAPIServer(t, apiserverIPs[0]),
-		env.startAPIServer(t, apiserverIPs[1]),
-		env.startAPIServer(t, apiserverIPs[2]),
+		env.RunAPIServer(t, apiserverIPs[0]),
+		env.RunAPIServer(t, apiserverIPs[1]),
+		env.RunAPIServer(t, apiserverIPs[2]),
 	}
-	env.waitReady(t, as...)
+	env.WaitReady(t, as...)
 	d := env.startDaemon(t, healthDaemonArgs(as)...)
 	healthy := func(t *testing.T) {
 		t.Helper()
-		env.waitReady(t, as...)
+		env.WaitReady(t, as...)
 		d.waitStatus(t, "every upstream up", 2*time.Minute, func(doc status.Document) bool {
 			return doc.Ready && allUp(doc, len(as))
 		})
@@ -79,8 +79,8 @@ func TestHealthUnderStress(t *testing.T) {
 		healthy(t)
 		testRollingRestart(t, d, as)
 	})
-	if err := d.p.stop(time.Minute); err != nil {
-		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.tail(20))
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
 	}
 }
 
@@ -323,8 +323,8 @@ func testSilentConnections(t *testing.T, d *daemon) {
 		wg.Wait()
 	}()
 	for time.Since(start) < silentHold {
-		if !d.p.running() {
-			t.Fatalf("extractedprism exited with silent connections open: %v\n%s", d.p.err, d.p.tail(30))
+		if !d.p.Running() {
+			t.Fatalf("extractedprism exited with silent connections open: %v\n%s", d.p.Err, d.p.Tail(30))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -352,7 +352,7 @@ func testSilentConnections(t *testing.T, d *daemon) {
 		fate = fmt.Sprintf("%d of %d closed by extractedprism (first %.1f s, last %.1f s after connecting), %d still open at %s",
 			len(ends), n, ends[0].Seconds(), ends[len(ends)-1].Seconds(), n-len(ends), silentHold)
 	}
-	env.record("silent connections (%d for %s): /readyz 200 in %.1f %% of %d samples (not ready for %.1f s); upstream not up in samples: %v; %s; upstream connections made for them: %d",
+	env.Record("silent connections (%d for %s): /readyz 200 in %.1f %% of %d samples (not ready for %.1f s); upstream not up in samples: %v; %s; upstream connections made for them: %d",
 		n, silentHold, 100*h.availability(), h.samples, h.notReadyFor.Seconds(), h.notUp, fate,
 		upstreamConnections(doc1)-upstreamConnections(doc0))
 	if h.samples < int(silentHold/time.Second) {
@@ -383,7 +383,7 @@ type watchStream struct {
 // resourceVersion rv.
 func openWatch(ctx context.Context, rv string) (*watchStream, error) {
 	tr := &http.Transport{
-		TLSClientConfig:   &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12},
+		TLSClientConfig:   &tls.Config{RootCAs: env.CA.Pool, MinVersion: tls.VersionTLS12},
 		DisableKeepAlives: true,
 	}
 	url := "https://" + proxyAddr + "/api/v1/namespaces/default/configmaps?watch=1&allowWatchBookmarks=true&timeoutSeconds=1800&resourceVersion=" + rv
@@ -391,7 +391,7 @@ func openWatch(ctx context.Context, rv string) (*watchStream, error) {
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", "Bearer "+env.adminToken)
+	req.Header.Set("Authorization", "Bearer "+env.AdminToken)
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("watch: %w", err)
@@ -451,7 +451,7 @@ func (w *watchStream) close() {
 // extractedprism and returns the list's resourceVersion.
 func resourceVersion(t *testing.T) string {
 	t.Helper()
-	out := env.mustKubectl(t, proxyAddr, "", "get", "--raw", "/api/v1/namespaces/default/configmaps?limit=1")
+	out := env.MustKubectl(t, proxyAddr, "", "get", "--raw", "/api/v1/namespaces/default/configmaps?limit=1")
 	var l struct {
 		Metadata struct {
 			ResourceVersion string `json:"resourceVersion"`
@@ -514,7 +514,7 @@ func testEtcdOutage(t *testing.T, d *daemon, as []*apiserver, how syscall.Signal
 		}
 	}
 	tag := strings.ToLower(strings.Fields(what)[0])
-	env.mustKubectl(t, proxyAddr, "", "create", "configmap", tag+"-before", "-n", "default", "--from-literal=k=v")
+	env.MustKubectl(t, proxyAddr, "", "create", "configmap", tag+"-before", "-n", "default", "--from-literal=k=v")
 	if saw := waitWatches(tag+"-before", time.Minute); saw != n {
 		t.Fatalf("only %d of %d watches through extractedprism showed a new configmap before the outage", saw, n)
 	}
@@ -522,7 +522,7 @@ func testEtcdOutage(t *testing.T, d *daemon, as []*apiserver, how syscall.Signal
 	cut0 := closedOnDown(t)
 	m := monitorHealth(t, d)
 	stopped := time.Now()
-	env.etcdP.signal(how)
+	env.Etcd.Signal(how)
 	resumed := false
 	resume := func() {
 		if resumed {
@@ -530,20 +530,20 @@ func testEtcdOutage(t *testing.T, d *daemon, as []*apiserver, how syscall.Signal
 		}
 		resumed = true
 		if how == syscall.SIGSTOP {
-			env.etcdP.signal(syscall.SIGCONT)
+			env.Etcd.Signal(syscall.SIGCONT)
 			return
 		}
-		if err := env.etcdP.wait(time.Minute); err == nil {
+		if err := env.Etcd.Wait(time.Minute); err == nil {
 			t.Errorf("etcd exited cleanly on SIGKILL")
 		}
-		if err := env.startEtcd(); err != nil {
+		if err := env.StartEtcd(); err != nil {
 			t.Fatalf("restart etcd: %v", err)
 		}
 	}
 	defer resume()
 	for time.Since(stopped) < etcdAway {
-		if !d.p.running() {
-			t.Fatalf("extractedprism exited during the etcd outage: %v\n%s", d.p.err, d.p.tail(30))
+		if !d.p.Running() {
+			t.Fatalf("extractedprism exited during the etcd outage: %v\n%s", d.p.Err, d.p.Tail(30))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -563,7 +563,7 @@ func testEtcdOutage(t *testing.T, d *daemon, as []*apiserver, how syscall.Signal
 	for worked.IsZero() {
 		attempts++
 		kctx, kcancel := context.WithTimeout(context.Background(), 20*time.Second)
-		_, err := env.kubectl(kctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
+		_, err := env.Kubectl(kctx, proxyAddr, "", "get", "configmaps", "-n", "default", "-o", "name")
 		kcancel()
 		if err == nil {
 			worked = time.Now()
@@ -584,7 +584,7 @@ func testEtcdOutage(t *testing.T, d *daemon, as []*apiserver, how syscall.Signal
 	_, allBack := d.waitStatus(t, "every upstream up again", 2*time.Minute, func(doc status.Document) bool {
 		return doc.Ready && allUp(doc, len(as))
 	})
-	env.mustKubectl(t, proxyAddr, "", "create", "configmap", tag+"-after", "-n", "default", "--from-literal=k=v")
+	env.MustKubectl(t, proxyAddr, "", "create", "configmap", tag+"-after", "-n", "default", "--from-literal=k=v")
 	sawAfter := waitWatches(tag+"-after", time.Minute)
 	settled := time.Now()
 	m.stop()
@@ -623,9 +623,9 @@ func testEtcdOutage(t *testing.T, d *daemon, as []*apiserver, how syscall.Signal
 		downs = append(downs, fmt.Sprintf("%s %.1f s in", addr, at.Sub(stopped).Seconds()))
 	}
 	slices.Sort(downs)
-	env.record("etcd outage (%s, %s, %d watches): watches cut while etcd was away %d%s, cut after its return %d, ended cleanly by an apiserver %d; closed_on_down +%v while away, +%v in all; /readyz 200 in %.1f %% of the outage; upstreams not up: %v",
+	env.Record("etcd outage (%s, %s, %d watches): watches cut while etcd was away %d%s, cut after its return %d, ended cleanly by an apiserver %d; closed_on_down +%v while away, +%v in all; /readyz 200 in %.1f %% of the outage; upstreams not up: %v",
 		what, etcdAway, n, cutWhileAway, first, cutAfter, cleanEnds, cutAway, cutAll, 100*h.availability(), downs)
-	env.record("etcd outage (%s): etcd back -> kubectl get through extractedprism works %s (%d attempts; an apiserver answered directly after %s); -> every upstream up %s; %d of %d watches showed a configmap created afterwards",
+	env.Record("etcd outage (%s): etcd back -> kubectl get through extractedprism works %s (%d attempts; an apiserver answered directly after %s); -> every upstream up %s; %d of %d watches showed a configmap created afterwards",
 		what, worked.Sub(back).Round(time.Millisecond), attempts, apiBack.Sub(back).Round(time.Millisecond),
 		allBack.Sub(back).Round(time.Millisecond), sawAfter, n)
 	t.Logf("etcd outage: watch ends %v; last kubectl error before it worked: %v; settled %s after etcd's return",
@@ -657,7 +657,7 @@ func firstDirectAnswer(ctx context.Context, as []*apiserver) (<-chan time.Time, 
 		go func() {
 			c := apiClient(2*time.Second, false)
 			for ctx.Err() == nil {
-				code, _, err := apiRequest(ctx, c, http.MethodGet, a.addr(), "/api/v1/namespaces/default/configmaps?limit=1", nil)
+				code, _, err := apiRequest(ctx, c, http.MethodGet, a.Addr(), "/api/v1/namespaces/default/configmaps?limit=1", nil)
 				if err == nil && code == http.StatusOK {
 					once.Do(func() {
 						out <- time.Now()

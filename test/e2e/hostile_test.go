@@ -85,7 +85,7 @@ func rewriteKubernetesSlice(t *testing.T, server string, groups [][]string) {
 func tryRewriteKubernetesSlice(t *testing.T, server string, groups [][]string) (string, error) {
 	t.Helper()
 	var s map[string]any
-	if err := json.Unmarshal([]byte(env.mustKubectl(t, server, "", "get", "endpointslice", "kubernetes", "-n", "default", "-o", "json")), &s); err != nil {
+	if err := json.Unmarshal([]byte(env.MustKubectl(t, server, "", "get", "endpointslice", "kubernetes", "-n", "default", "-o", "json")), &s); err != nil {
 		t.Fatal(err)
 	}
 	eps := make([]map[string]any, 0, len(groups))
@@ -100,7 +100,7 @@ func tryRewriteKubernetesSlice(t *testing.T, server string, groups [][]string) (
 	}
 	ctx, cancel := contextWithTimeout(time.Minute)
 	defer cancel()
-	return env.kubectl(ctx, server, string(b), "replace", "-f", "-")
+	return env.Kubectl(ctx, server, string(b), "replace", "-f", "-")
 }
 
 // upstreamSet renders /status's upstreams as "addr/source" in order.
@@ -125,16 +125,16 @@ func TestHostileSlicesChangeNothing(t *testing.T) {
 		t.Fatalf("ip addr add %s: %v: %s", selfIP, err, out)
 	}
 	t.Cleanup(func() { _ = exec.Command("ip", "addr", "del", selfIP+"/32", "dev", "lo").Run() })
-	a := env.startAPIServer(t, apiserverIPs[0])
-	b := env.startAPIServer(t, apiserverIPs[1])
-	env.waitReady(t, a, b)
-	env.applyRBAC(t, a.addr())
-	sp := env.pollSlice(t)
-	sp.waitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
-		return slices.Equal(s, []string{a.addr(), b.addr()})
+	a := env.RunAPIServer(t, apiserverIPs[0])
+	b := env.RunAPIServer(t, apiserverIPs[1])
+	env.WaitReady(t, a, b)
+	env.applyRBAC(t, a.Addr())
+	sp := env.PollSlice(t, apiserverIPs)
+	sp.WaitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
+		return slices.Equal(s, []string{a.Addr(), b.Addr()})
 	})
 
-	kc, err := env.kubeconfig("discovery-hostile", "https://"+a.addr(), env.discToken)
+	kc, err := env.TokenKubeconfig("discovery-hostile", "https://"+a.Addr(), env.discToken)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,9 +146,9 @@ func TestHostileSlicesChangeNothing(t *testing.T) {
 	}
 	state := filepath.Join(t.TempDir(), "endpoints.json")
 	d := env.startDaemon(t, "--config="+cfg,
-		"--endpoints="+a.addr(), "--enable-discovery", "--kubeconfig="+kc, "--state-file="+state,
+		"--endpoints="+a.Addr(), "--enable-discovery", "--kubeconfig="+kc, "--state-file="+state,
 		"--bind-address="+selfIP, "--bind-port=6443", "--health-port=7446", "--log-level=info")
-	both := []string{a.addr() + "/static", b.addr() + "/discovered"}
+	both := []string{a.Addr() + "/static", b.Addr() + "/discovered"}
 	d.waitStatus(t, "both apiservers up", 2*time.Minute, func(doc status.Document) bool {
 		if !slices.Equal(upstreamSet(doc), both) || !doc.Ready {
 			return false
@@ -160,7 +160,7 @@ func TestHostileSlicesChangeNothing(t *testing.T) {
 		}
 		return true
 	})
-	waitState(t, state, []string{a.addr(), b.addr()})
+	waitState(t, state, []string{a.Addr(), b.Addr()})
 	unchanged := func(what string) {
 		t.Helper()
 		doc, err := d.status()
@@ -175,13 +175,13 @@ func TestHostileSlicesChangeNothing(t *testing.T) {
 				t.Fatalf("%s: %s is %s: %s", what, u.Address, u.State, describe(doc))
 			}
 		}
-		waitState(t, state, []string{a.addr(), b.addr()})
+		waitState(t, state, []string{a.Addr(), b.Addr()})
 	}
 
 	// Another slice with the service's label, which anyone allowed to
 	// create EndpointSlices in default could add. It is created before
 	// the rewrites below, so by the time they are seen it would have been.
-	env.mustKubectl(t, a.addr(), `apiVersion: discovery.k8s.io/v1
+	env.MustKubectl(t, a.Addr(), `apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: kubernetes-extra
@@ -198,14 +198,14 @@ endpoints:
 `, "apply", "-f", "-")
 
 	before, _ := droppedCounts(t)
-	out, err := tryRewriteKubernetesSlice(t, a.addr(), [][]string{
+	out, err := tryRewriteKubernetesSlice(t, a.Addr(), [][]string{
 		{apiserverIPs[0]}, {apiserverIPs[1]}, {"127.0.0.1"}, {"169.254.10.10"},
 	})
 	if err == nil || !strings.Contains(out, "may not be in the loopback range") || !strings.Contains(out, "may not be in the link-local range") {
 		t.Fatalf("the apiserver took loopback and link-local addresses in the kubernetes slice (%v): %s", err, out)
 	}
-	env.record("kube-apiserver refuses loopback and link-local addresses in an EndpointSlice")
-	rewriteKubernetesSlice(t, a.addr(), [][]string{
+	env.Record("kube-apiserver refuses loopback and link-local addresses in an EndpointSlice")
+	rewriteKubernetesSlice(t, a.Addr(), [][]string{
 		{apiserverIPs[0]}, {apiserverIPs[1]}, {selfIP}, {"239.255.0.1"},
 	})
 	got := waitDropped(t, "self and multicast drops", func(m map[string]float64) bool {
@@ -224,14 +224,14 @@ endpoints:
 		}
 		flood = append(flood, g)
 	}
-	rewriteKubernetesSlice(t, a.addr(), append([][]string{{apiserverIPs[0]}, {apiserverIPs[1]}}, flood...))
+	rewriteKubernetesSlice(t, a.Addr(), append([][]string{{apiserverIPs[0]}, {apiserverIPs[1]}}, flood...))
 	got = waitDropped(t, "3,000 addresses over the cap", func(m map[string]float64) bool {
 		return m["over_cap"] >= before["over_cap"]+3000
 	})
 	_, size := droppedCounts(t)
 	t.Logf("dropped after the flood: %v; /metrics is %d bytes", got, size)
 	unchanged("after 3,000 addresses")
-	env.record("hostile kubernetes slice (the balancer itself, multicast, 3,000 addresses) and a second labelled slice: upstreams unchanged, dropped %v, /metrics %d bytes",
+	env.Record("hostile kubernetes slice (the balancer itself, multicast, 3,000 addresses) and a second labelled slice: upstreams unchanged, dropped %v, /metrics %d bytes",
 		got, size)
 
 	doc, err := d.status()
@@ -241,7 +241,7 @@ endpoints:
 	if slices.Contains(doc.Discovery.Discovered, "198.51.100.99:6443") {
 		t.Fatalf("the second labelled slice was used: %v", doc.Discovery.Discovered)
 	}
-	logs, err := os.ReadFile(d.p.log)
+	logs, err := os.ReadFile(d.p.Log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,11 +250,11 @@ endpoints:
 		"too many API server endpoints; keeping those in use, then the lowest addresses", "offered=3002",
 	} {
 		if !strings.Contains(string(logs), want) {
-			t.Errorf("daemon log lacks %q:\n%s", want, d.p.tail(40))
+			t.Errorf("daemon log lacks %q:\n%s", want, d.p.Tail(40))
 		}
 	}
 	if n := strings.Count(string(logs), "too many API server endpoints"); n != 1 {
 		t.Errorf("%d log lines about the cap, want 1", n)
 	}
-	env.mustKubectl(t, a.addr(), "", "delete", "endpointslice", "kubernetes-extra", "-n", "default")
+	env.MustKubectl(t, a.Addr(), "", "delete", "endpointslice", "kubernetes-extra", "-n", "default")
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/extractedprism/extractedprism/pkg/status"
+	"github.com/extractedprism/extractedprism/test/cluster"
 )
 
 // The large LIST of the rolling-restart scenario: bigCount configmaps of
@@ -35,7 +36,7 @@ func apiRequest(ctx context.Context, c *http.Client, method, server, path string
 	if err != nil {
 		return 0, nil, err
 	}
-	req.Header.Set("Authorization", "Bearer "+env.adminToken)
+	req.Header.Set("Authorization", "Bearer "+env.AdminToken)
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
@@ -54,7 +55,7 @@ func apiClient(timeout time.Duration, keepAlive bool) *http.Client {
 	return &http.Client{
 		Timeout: timeout,
 		Transport: &http.Transport{
-			TLSClientConfig:     &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12},
+			TLSClientConfig:     &tls.Config{RootCAs: env.CA.Pool, MinVersion: tls.VersionTLS12},
 			DisableKeepAlives:   !keepAlive,
 			DisableCompression:  true,
 			MaxIdleConnsPerHost: 8,
@@ -81,7 +82,7 @@ func createBigConfigMaps(t *testing.T, server string) {
 		wg.Go(func() {
 			for i := range jobs {
 				// Random data: compression would not shrink it anyway.
-				body := fmt.Appendf(nil, `{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"big-%04d"},"data":{"d":%q}}`, i, randomHex(bigSize/2))
+				body := fmt.Appendf(nil, `{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"big-%04d"},"data":{"d":%q}}`, i, cluster.RandomHex(bigSize/2))
 				code, b, err := apiRequest(ctx, c, http.MethodPost, server, "/api/v1/namespaces/"+bigNamespace+"/configmaps", body)
 				if err == nil && code != http.StatusCreated && code != http.StatusConflict {
 					err = fmt.Errorf("status %d: %.200s", code, b)
@@ -151,7 +152,7 @@ func startSlowList(ctx context.Context, rate int64) *slowList {
 			l.err = err
 			return
 		}
-		req.Header.Set("Authorization", "Bearer "+env.adminToken)
+		req.Header.Set("Authorization", "Bearer "+env.AdminToken)
 		resp, err := c.Do(req)
 		if err != nil {
 			l.err = err
@@ -231,8 +232,8 @@ func startRawLoad(t *testing.T) *loadLoop {
 func testRollingRestart(t *testing.T, d *daemon, as []*apiserver) {
 	t0 := time.Now()
 	defer deleteBigConfigMaps(t, proxyAddr)
-	createBigConfigMaps(t, as[0].addr())
-	env.record("rolling restart: %d configmaps of %d KiB created in %s", bigCount, bigSize>>10, time.Since(t0).Round(time.Millisecond))
+	createBigConfigMaps(t, as[0].Addr())
+	env.Record("rolling restart: %d configmaps of %d KiB created in %s", bigCount, bigSize>>10, time.Since(t0).Round(time.Millisecond))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	probe := startSlowList(ctx, 1<<40)
@@ -240,7 +241,7 @@ func testRollingRestart(t *testing.T, d *daemon, as []*apiserver) {
 	if probe.err != nil {
 		t.Fatalf("LIST of %s through extractedprism: %v", bigNamespace, probe.err)
 	}
-	env.record("rolling restart: one unthrottled LIST of %d MiB through extractedprism takes %s; the test reads it at %d MiB/s",
+	env.Record("rolling restart: one unthrottled LIST of %d MiB through extractedprism takes %s; the test reads it at %d MiB/s",
 		probe.n>>20, time.Since(probe.start).Round(time.Millisecond), slowListRate>>20)
 
 	kubectl := env.startLoad(t)
@@ -263,21 +264,21 @@ func testRollingRestart(t *testing.T, d *daemon, as []*apiserver) {
 		}
 		onVictim := int64(-1)
 		if doc, err := d.status(); err == nil {
-			if u, ok := upstream(doc, x.addr()); ok {
+			if u, ok := upstream(doc, x.Addr()); ok {
 				onVictim = u.ActiveConnections
 			}
 		}
 		lists = append(lists, batch...)
 		term := time.Now()
-		x.p.signal(syscall.SIGTERM)
-		if err := x.p.wait(2 * time.Minute); err != nil {
-			t.Logf("%s exit: %v", x.p.name, err)
+		x.P.Signal(syscall.SIGTERM)
+		if err := x.P.Wait(2 * time.Minute); err != nil {
+			t.Logf("%s exit: %v", x.P.Name, err)
 		}
 		exited := time.Since(term)
-		*x = *env.startAPIServer(t, x.ip)
-		ready := env.waitReady(t, x)
-		_, up := d.waitStatus(t, x.ip+" up again", 2*time.Minute, func(doc status.Document) bool {
-			u, ok := upstream(doc, x.addr())
+		*x = *env.RunAPIServer(t, x.IP)
+		ready := env.WaitReady(t, x)
+		_, up := d.waitStatus(t, x.IP+" up again", 2*time.Minute, func(doc status.Document) bool {
+			u, ok := upstream(doc, x.Addr())
 			return ok && u.State == "up"
 		})
 		failed := 0
@@ -291,20 +292,20 @@ func testRollingRestart(t *testing.T, d *daemon, as []*apiserver) {
 			if l.err != nil {
 				failed++
 				cutAfter = append(cutAfter, fmt.Sprintf("%.1f s", l.end.Sub(term).Seconds()))
-				listFailures = append(listFailures, fmt.Sprintf("%s: %v", x.ip, l.err))
+				listFailures = append(listFailures, fmt.Sprintf("%s: %v", x.IP, l.err))
 			}
 		}
 		kt, kf := kubectl.between(term, up)
 		rt, rf := raw.between(term, up)
-		env.record("rolling restart of %s: exit %s after SIGTERM, ready -> up in extractedprism %s; %d connections on it at SIGTERM; LISTs failed %d of %d (ended %v after SIGTERM); kubectl failed %d of %d; raw GETs failed %d of %d",
-			x.ip, exited.Round(time.Millisecond), up.Sub(ready).Round(time.Millisecond), onVictim, failed, len(batch), cutAfter, len(kf), kt, len(rf), rt)
+		env.Record("rolling restart of %s: exit %s after SIGTERM, ready -> up in extractedprism %s; %d connections on it at SIGTERM; LISTs failed %d of %d (ended %v after SIGTERM); kubectl failed %d of %d; raw GETs failed %d of %d",
+			x.IP, exited.Round(time.Millisecond), up.Sub(ready).Round(time.Millisecond), onVictim, failed, len(batch), cutAfter, len(kf), kt, len(rf), rt)
 	}
 	to := time.Now()
 	kubectl.stop()
 	raw.stop()
 	kt, kf := kubectl.between(from, to)
 	rt, rf := raw.between(from, to)
-	env.record("rolling restart (--shutdown-delay-duration=0), in all: large LISTs in flight at SIGTERM failed %d of %d; kubectl get failed %d of %d; raw GETs on new connections failed %d of %d",
+	env.Record("rolling restart (--shutdown-delay-duration=0), in all: large LISTs in flight at SIGTERM failed %d of %d; kubectl get failed %d of %d; raw GETs on new connections failed %d of %d",
 		len(listFailures), len(lists), len(kf), kt, len(rf), rt)
 	for _, f := range append(append(listFailures, kf...), rf...) {
 		t.Logf("failed: %s", f)

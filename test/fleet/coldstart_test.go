@@ -20,10 +20,10 @@ func TestColdStart(t *testing.T) {
 		env.startAPIServer(t, apiserverIPs[1], startupAudit),
 		env.startAPIServer(t, apiserverIPs[2], startupAudit),
 	}
-	env.waitReady(t, as...)
-	env.applyRBAC(t, as[0].addr())
-	eps := []string{as[0].addr(), as[1].addr(), as[2].addr()}
-	settle(t, as[0].p.cmd.Process.Pid, 90*time.Second)
+	env.WaitReady(t, as...)
+	env.applyRBAC(t, as[0].Addr())
+	eps := []string{as[0].Addr(), as[1].Addr(), as[2].Addr()}
+	settle(t, as[0].P.Cmd.Process.Pid, 90*time.Second)
 
 	t0 := time.Now()
 	f := startFleet(t, p.Nodes, eps, "5s")
@@ -31,8 +31,8 @@ func TestColdStart(t *testing.T) {
 	end := t0.Add(20 * time.Second)
 	for time.Now().Before(end) {
 		for _, n := range f.nodes {
-			if !n.p.running() {
-				t.Fatalf("node %s exited: %v\n%s", n.ip, n.p.err, n.p.tail(20))
+			if !n.p.Running() {
+				t.Fatalf("node %s exited: %v\n%s", n.ip, n.p.Err, n.p.Tail(20))
 			}
 		}
 		time.Sleep(500 * time.Millisecond) // the observation window
@@ -43,7 +43,7 @@ func TestColdStart(t *testing.T) {
 		p.Nodes, f.spawned.Seconds(), allUp.Seconds())
 	b.WriteString("| Apiserver | Probes, first 10 s | Peak probes / 100 ms (at) | Peak probes / 1 s, first 10 s | Probes / s, 10-20 s | Discovery lists + watches, first 10 s |\n|---|---|---|---|---|---|\n")
 	for _, a := range as {
-		evs, err := startupEvents(a.auditLog, t0)
+		evs, err := startupEvents(a.AuditLog, t0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -73,12 +73,12 @@ func TestColdStart(t *testing.T) {
 		for _, v := range perSec {
 			peakSec = max(peakSec, v)
 		}
-		fmt.Fprintf(&b, "| %s | %d | %d (%.1f s) | %d | %.1f | %d |\n", a.ip, probes10, peak, float64(at)/10, peakSec, float64(probes20)/10, disc)
+		fmt.Fprintf(&b, "| %s | %d | %d (%.1f s) | %d | %.1f | %d |\n", a.IP, probes10, peak, float64(at)/10, peakSec, float64(probes20)/10, disc)
 		if probes10 < p.Nodes {
-			t.Errorf("%s: %d probes in the first 10 s from %d nodes", a.ip, probes10, p.Nodes)
+			t.Errorf("%s: %d probes in the first 10 s from %d nodes", a.IP, probes10, p.Nodes)
 		}
 	}
-	env.record("%s", b.String())
+	env.Record("%s", b.String())
 }
 
 // startupEvent is one probe or discovery request an apiserver received.

@@ -26,16 +26,16 @@ func TestFleet(t *testing.T) {
 		env.startAPIServer(t, apiserverIPs[1], streamAudit),
 		env.startAPIServer(t, apiserverIPs[2], streamAudit),
 	}
-	env.waitReady(t, as...)
-	env.applyRBAC(t, as[0].addr())
-	eps := []string{as[0].addr(), as[1].addr(), as[2].addr()}
+	env.WaitReady(t, as...)
+	env.applyRBAC(t, as[0].Addr())
+	eps := []string{as[0].Addr(), as[1].Addr(), as[2].Addr()}
 	// Readiness is observed once for the cluster: a publisher (the chart's
 	// readiness-publisher, with its restricted RBAC) checks each
 	// apiserver's /readyz and shares the answers; the nodes check only
 	// liveness.
-	env.mustKubectl(t, as[0].addr(), readinessRBAC, "apply", "-f", "-")
+	env.MustKubectl(t, as[0].Addr(), readinessRBAC, "apply", "-f", "-")
 	startFleetPublisher(t, as[0])
-	settle(t, as[0].p.cmd.Process.Pid, 90*time.Second)
+	settle(t, as[0].P.Cmd.Process.Pid, 90*time.Second)
 
 	// Cost of the fleet at rest: probes and one discovery watch per node,
 	// then the client streams.
@@ -72,7 +72,7 @@ func TestFleet(t *testing.T) {
 	idleCores, busyCores := probeCores(idleRate), probeCores(busyRate)
 	fmt.Fprintf(&b, "probe cores per apiserver at %d nodes (PINGs x %.3f ms + %.2f for the shared readiness): %.3f idle, %.3f with traffic\n",
 		fleetScale, pingCostMs, sharedCostCores, idleCores, busyCores)
-	env.record("%s", b.String())
+	env.Record("%s", b.String())
 	setResult(&fleetResult.idle, idleCores)
 	setResult(&fleetResult.traffic, busyCores)
 	if idleCores > 0.5 || busyCores > 0.3 {
@@ -102,7 +102,7 @@ func TestFleet(t *testing.T) {
 		fmt.Fprintf(&b, "| %s | %d | %d (%d, %d) | %.1f s | %.1f s | %d; %d, %d | %.2f | %.1f | %d |\n", w.name, w.moved, w.total, w.per[0], w.per[1],
 			w.first.Seconds(), w.spread().Seconds(), w.peak, w.peakPer[0], w.peakPer[1], w.mean(), float64(w.peak)/w.mean(), w.peakSecond)
 	}
-	env.record("%s", b.String())
+	env.Record("%s", b.String())
 	for _, w := range waves[:2] {
 		if int64(w.total) < w.moved-int64(p.Nodes) || w.total == 0 {
 			t.Errorf("%s: %d watches arrived at the survivors, %d streams were on the stopped apiserver", w.name, w.total, w.moved)
@@ -138,7 +138,7 @@ func measureGroup(t *testing.T, as []*apiserver) groupUse {
 	t.Helper()
 	pids := make([]int, len(as))
 	for i, a := range as {
-		pids[i] = a.p.cmd.Process.Pid
+		pids[i] = a.P.Cmd.Process.Pid
 	}
 	m, err := startCPU(pids...)
 	if err != nil {
@@ -164,17 +164,17 @@ func measureGroup(t *testing.T, as []*apiserver) groupUse {
 // discoveryConvergence adds a fourth apiserver and removes it again, and
 // measures when each node routes accordingly.
 func discoveryConvergence(t *testing.T, f *fleet) {
-	sp := env.pollSlice(t)
+	sp := env.PollSlice(t, apiserverIPs[:3])
 	d := env.startAPIServer(t, apiserverIPs[3], "")
-	addr := d.addr()
+	addr := d.Addr()
 	started := time.Now()
-	listed := sp.waitFor(t, "listing "+addr, started, 3*time.Minute, func(a []string) bool { return slices.Contains(a, addr) })
+	listed := sp.WaitFor(t, "listing "+addr, started, 3*time.Minute, func(a []string) bool { return slices.Contains(a, addr) })
 	up := f.waitAll(t, addr+" up", 3*time.Minute, func(doc status.Document) bool {
 		u, ok := upstream(doc, addr)
 		return ok && u.State == "up"
 	})
-	ready := env.waitReady(t, d)
-	d.p.signal(syscall.SIGTERM)
+	ready := env.WaitReady(t, d)
+	d.P.Signal(syscall.SIGTERM)
 	term := time.Now()
 	notUp := f.waitAll(t, addr+" no longer up", 3*time.Minute, func(doc status.Document) bool {
 		u, ok := upstream(doc, addr)
@@ -184,9 +184,9 @@ func discoveryConvergence(t *testing.T, f *fleet) {
 		_, ok := upstream(doc, addr)
 		return !ok
 	})
-	unlisted := sp.waitFor(t, "no longer listing "+addr, term, time.Minute, func(a []string) bool { return !slices.Contains(a, addr) })
-	if err := d.p.wait(2 * time.Minute); err != nil {
-		t.Logf("%s: %v", d.p.name, err)
+	unlisted := sp.WaitFor(t, "no longer listing "+addr, term, time.Minute, func(a []string) bool { return !slices.Contains(a, addr) })
+	if err := d.P.Wait(2 * time.Minute); err != nil {
+		t.Logf("%s: %v", d.P.Name, err)
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "discovery convergence, %d nodes (apiserver ready %.1f s after it was listed)\n", len(f.nodes), ready.Sub(listed).Seconds())
@@ -198,7 +198,7 @@ func discoveryConvergence(t *testing.T, f *fleet) {
 	row("added: up on the node", "the EndpointSlice listing it", listed, up)
 	row("removed (SIGTERM): no longer up on the node", "SIGTERM", term, notUp)
 	row("removed (SIGTERM): dropped from the node's upstreams", "the EndpointSlice no longer listing it", unlisted, gone)
-	env.record("%s", b.String())
+	env.Record("%s", b.String())
 }
 
 // percentiles returns the median and the maximum of at minus ref.
@@ -236,22 +236,22 @@ func (w waveResult) mean() float64 {
 func reconnectWave(t *testing.T, f *fleet, as []*apiserver, sig syscall.Signal, name string) waveResult {
 	t.Helper()
 	victim := as[0]
-	moved, err := f.activeOn(victim.addr())
+	moved, err := f.activeOn(victim.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := int64(len(f.nodes)) * int64(len(f.streams.transport)/len(f.nodes))
 	t0 := time.Now()
-	victim.p.signal(sig)
+	victim.P.Signal(sig)
 	if sig == syscall.SIGSTOP {
 		// The hung bound: how long until every node avoids the stopped
 		// apiserver.
-		at := f.waitAll(t, victim.addr()+" down on every node", 3*time.Minute, func(doc status.Document) bool {
-			u, ok := upstream(doc, victim.addr())
+		at := f.waitAll(t, victim.Addr()+" down on every node", 3*time.Minute, func(doc status.Document) bool {
+			u, ok := upstream(doc, victim.Addr())
 			return ok && u.State == "down"
 		})
 		out := slices.MaxFunc(at, func(a, b time.Time) int { return a.Compare(b) }).Sub(t0)
-		t.Logf("%s: every node marked %s down %.2f s after the stop", name, victim.addr(), out.Seconds())
+		t.Logf("%s: every node marked %s down %.2f s after the stop", name, victim.Addr(), out.Seconds())
 		fleetResult.mu.Lock()
 		worst := fleetResult.hungOut == nil || out.Seconds() > *fleetResult.hungOut
 		fleetResult.mu.Unlock()
@@ -264,13 +264,13 @@ func reconnectWave(t *testing.T, f *fleet, as []*apiserver, sig syscall.Signal, 
 	}
 	deadline := t0.Add(3 * time.Minute)
 	for {
-		on, err := f.activeOn(victim.addr())
+		on, err := f.activeOn(victim.Addr())
 		if err == nil && on == 0 && f.streams.open.Load() == want {
 			break
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: %d connections still on %s and %d of %d streams running after 3 minutes (error %v)",
-				name, on, victim.addr(), f.streams.open.Load(), want, err)
+				name, on, victim.Addr(), f.streams.open.Load(), want, err)
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
@@ -278,7 +278,7 @@ func reconnectWave(t *testing.T, f *fleet, as []*apiserver, sig syscall.Signal, 
 	all := map[int]int{}
 	secs := map[int]int{}
 	for i, s := range as[1:] {
-		arr, err := auditArrivals(s.auditLog, t0)
+		arr, err := auditArrivals(s.AuditLog, t0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -310,13 +310,13 @@ func reconnectWave(t *testing.T, f *fleet, as []*apiserver, sig syscall.Signal, 
 	// Bring the victim back for the next event.
 	switch sig {
 	case syscall.SIGSTOP:
-		victim.p.signal(syscall.SIGCONT)
-		f.waitAll(t, victim.addr()+" up again", 3*time.Minute, func(doc status.Document) bool {
-			u, ok := upstream(doc, victim.addr())
+		victim.P.Signal(syscall.SIGCONT)
+		f.waitAll(t, victim.Addr()+" up again", 3*time.Minute, func(doc status.Document) bool {
+			u, ok := upstream(doc, victim.Addr())
 			return ok && u.State == "up"
 		})
 	case syscall.SIGKILL:
-		_ = victim.p.wait(time.Minute)
+		_ = victim.P.Wait(time.Minute)
 	}
 	return w
 }
@@ -356,21 +356,21 @@ func auditArrivals(path string, since time.Time) ([]time.Time, error) {
 // apiservers in the kubernetes EndpointSlice.
 func startFleetPublisher(t *testing.T, a *apiserver) {
 	t.Helper()
-	kc, err := env.kubeconfig("readiness-publisher", "https://"+a.addr(), env.pubToken)
+	kc, err := env.TokenKubeconfig("readiness-publisher", "https://"+a.Addr(), env.pubToken)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := env.start("publisher", env.daemon, "readiness-publisher", "--kubeconfig="+kc,
+	p, err := env.Start("publisher", env.daemon, "readiness-publisher", "--kubeconfig="+kc,
 		"--namespace="+readinessNS, "--identity=fleet-publisher", "--admin-address=")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if p.running() {
-			p.kill()
+		if p.Running() {
+			p.Kill()
 		}
 		if t.Failed() {
-			t.Logf("last lines of %s:\n%s", p.name, p.tail(15))
+			t.Logf("last lines of %s:\n%s", p.Name, p.Tail(15))
 		}
 	})
 }

@@ -60,8 +60,11 @@ require (
 )
 
 require (
+	github.com/extractedprism/extractedprism/test/cluster v0.0.0
 	golang.org/x/net v0.59.0
 	golang.org/x/text v0.42.0 // indirect
 )
 
 replace github.com/extractedprism/extractedprism => ../..
+
+replace github.com/extractedprism/extractedprism/test/cluster => ../cluster

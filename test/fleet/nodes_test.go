@@ -19,6 +19,7 @@ import (
 
 	"github.com/extractedprism/extractedprism/pkg/readiness"
 	"github.com/extractedprism/extractedprism/pkg/status"
+	"github.com/extractedprism/extractedprism/test/cluster"
 )
 
 // node is one simulated node: an extractedprism on its own loopback
@@ -33,16 +34,7 @@ func (n *node) proxyAddr() string { return net.JoinHostPort(n.ip, "7445") }
 
 // status fetches the node's /status.
 func (n *node) status(c *http.Client) (status.Document, error) {
-	var doc status.Document
-	resp, err := c.Get("http://" + net.JoinHostPort(n.ip, "7446") + "/status")
-	if err != nil {
-		return doc, fmt.Errorf("GET /status: %w", err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
-		return doc, fmt.Errorf("decode /status: %w", err)
-	}
-	return doc, nil
+	return cluster.GetStatus(c, net.JoinHostPort(n.ip, "7446"))
 }
 
 // fleet is N nodes and their client streams.
@@ -64,14 +56,14 @@ probe: {ca_file: %s, shared_readiness: {namespace: %s, name: %s}}
 proxy: {close_spread: %s, drain_timeout: 1s}
 discovery: {enabled: true, kubeconfig: %s, state_file: ""}
 log: {level: info}
-`, ip, ip, strings.Join(endpoints, ", "), env.caFile, readinessNS, readiness.DefaultConfigMap, spread, kubeconfig)
+`, ip, ip, strings.Join(endpoints, ", "), env.CA.File, readinessNS, readiness.DefaultConfigMap, spread, kubeconfig)
 }
 
 // startFleet starts n nodes with static endpoints eps and close_spread
 // spread, and waits until every node has every endpoint up.
 func startFleet(t *testing.T, n int, eps []string, spread string) *fleet {
 	t.Helper()
-	kc, err := env.kubeconfig("discovery", "https://"+eps[0], env.discToken)
+	kc, err := env.TokenKubeconfig("discovery", "https://"+eps[0], env.discToken)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +79,7 @@ func startFleet(t *testing.T, n int, eps []string, spread string) *fleet {
 		if err := os.WriteFile(cfg, []byte(nodeConfig(ip, eps, kc, spread)), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		p, err := env.start("node-"+ip, env.daemon, "--config="+cfg)
+		p, err := env.Start("node-"+ip, env.daemon, "--config="+cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -112,15 +104,15 @@ func (f *fleet) stop(t *testing.T) {
 		f.streams.stop()
 	}
 	for _, n := range f.nodes {
-		n.p.signal(syscall.SIGTERM)
+		n.p.Signal(syscall.SIGTERM)
 	}
 	for _, n := range f.nodes {
-		if err := n.p.wait(30 * time.Second); err != nil && n.p.running() {
-			t.Logf("%s: %v", n.p.name, err)
-			n.p.kill()
+		if err := n.p.Wait(30 * time.Second); err != nil && n.p.Running() {
+			t.Logf("%s: %v", n.p.Name, err)
+			n.p.Kill()
 		}
 		if t.Failed() && n == f.nodes[0] {
-			t.Logf("last lines of %s:\n%s", n.p.name, n.p.tail(30))
+			t.Logf("last lines of %s:\n%s", n.p.Name, n.p.Tail(30))
 		}
 	}
 	f.admin.CloseIdleConnections()
@@ -147,8 +139,8 @@ func (f *fleet) waitAll(t *testing.T, what string, timeout time.Duration, cond f
 				} else {
 					errs[i] = describe(doc)
 				}
-				if !n.p.running() {
-					errs[i] = fmt.Sprintf("exited: %v\n%s", n.p.err, n.p.tail(20))
+				if !n.p.Running() {
+					errs[i] = fmt.Sprintf("exited: %v\n%s", n.p.Err, n.p.Tail(20))
 					return
 				}
 				time.Sleep(100 * time.Millisecond)
@@ -177,16 +169,6 @@ func (f *fleet) activeOn(addr string) (int64, error) {
 		}
 	}
 	return sum, nil
-}
-
-// upstream returns the upstream with address addr.
-func upstream(doc status.Document, addr string) (status.Upstream, bool) {
-	for _, u := range doc.Upstreams {
-		if u.Address == addr {
-			return u, true
-		}
-	}
-	return status.Upstream{}, false
 }
 
 // describe renders the upstreams as "addr(source,state,conns)".
@@ -221,7 +203,7 @@ func (f *fleet) startStreams(t *testing.T, per int) {
 	for _, n := range f.nodes {
 		for range per {
 			tr := &http.Transport{
-				TLSClientConfig: &tls.Config{RootCAs: env.caPool, ServerName: "kubernetes", MinVersion: tls.VersionTLS12},
+				TLSClientConfig: &tls.Config{RootCAs: env.CA.Pool, ServerName: "kubernetes", MinVersion: tls.VersionTLS12},
 				MaxConnsPerHost: 1,
 				// A watch answers its headers at once; a stream that gets
 				// none is retried like a failed one.
@@ -299,7 +281,7 @@ func get(ctx context.Context, client *http.Client, url string) (*http.Response, 
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", "Bearer "+env.adminToken)
+	req.Header.Set("Authorization", "Bearer "+env.AdminToken)
 	req.Header.Set("User-Agent", "fleet-stream")
 	resp, err := client.Do(req)
 	if err != nil {
@@ -403,16 +385,16 @@ func (f *fleet) probeCount() (float64, error) {
 // of events a large cluster's watches see). It stops at test end.
 func startTicker(t *testing.T, a *apiserver, period time.Duration) {
 	t.Helper()
-	client := env.httpsClient()
+	client := env.HTTPSClient()
 	client.Transport.(*http.Transport).DisableKeepAlives = false
-	url := "https://" + a.addr() + "/api/v1/namespaces/default/configmaps"
+	url := "https://" + a.Addr() + "/api/v1/namespaces/default/configmaps"
 	send := func(method, u string, n int) error {
 		body := fmt.Sprintf(`{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"fleet-tick"},"data":{"n":"%d"}}`, n)
 		req, err := http.NewRequest(method, u, strings.NewReader(body))
 		if err != nil {
 			return err
 		}
-		req.Header.Set("Authorization", "Bearer "+env.adminToken)
+		req.Header.Set("Authorization", "Bearer "+env.AdminToken)
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := client.Do(req)
 		if err != nil {

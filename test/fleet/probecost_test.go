@@ -64,7 +64,7 @@ func runProber(mode probe.Mode) func(ctx context.Context, addr string, rate int,
 		for range n {
 			p := probe.New(probe.Options{
 				Mode: mode, Interval: proberInterval, Timeout: 2 * time.Second, Jitter: 0.2,
-				TLS:      &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12},
+				TLS:      &tls.Config{RootCAs: env.CA.Pool, MinVersion: tls.VersionTLS12},
 				Reporter: counter{ok, failed},
 			})
 			p.SetTargets([]string{addr})
@@ -88,7 +88,7 @@ func runHandshakes(resume bool) func(ctx context.Context, addr string, rate int,
 		n := int(float64(rate) * proberInterval.Seconds())
 		var wg sync.WaitGroup
 		for i := range n {
-			conf := &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12}
+			conf := &tls.Config{RootCAs: env.CA.Pool, MinVersion: tls.VersionTLS12}
 			if resume {
 				conf.ClientSessionCache = tls.NewLRUClientSessionCache(1)
 			}
@@ -127,7 +127,7 @@ func runH2PING(ctx context.Context, addr string, rate int, ok, failed *atomic.In
 	for i := range n {
 		start := time.Duration(i) * proberInterval / time.Duration(n)
 		wg.Go(func() {
-			conf := &tls.Config{RootCAs: env.caPool, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}
+			conf := &tls.Config{RootCAs: env.CA.Pool, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}
 			var cc *http2.ClientConn //nolint:staticcheck // net/http's ClientConn cannot send a PING frame
 			defer func() {
 				if cc != nil {
@@ -214,12 +214,12 @@ func TestProbeCost(t *testing.T) {
 	// It never lists itself in the kubernetes EndpointSlice, so the fleet
 	// tests that follow do not discover it.
 	a := env.startAPIServer(t, apiserverIPs[3], "", "--endpoint-reconciler-type=none")
-	env.waitReady(t, a)
+	env.WaitReady(t, a)
 	// Let the start-up work (controllers, first lease writes) settle.
-	settle(t, a.p.cmd.Process.Pid, 90*time.Second)
+	settle(t, a.P.Cmd.Process.Pid, 90*time.Second)
 
 	idle := func() (api, etcd float64) {
-		m, err := startCPU(a.p.cmd.Process.Pid, env.etcdP.cmd.Process.Pid)
+		m, err := startCPU(a.P.Cmd.Process.Pid, env.Etcd.Cmd.Process.Pid)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -249,7 +249,7 @@ func TestProbeCost(t *testing.T) {
 			c.style.name, c.style.who, c.style.interval, c.probes, c.perThousand(), c.etcdCPU/float64(c.probes)*1000,
 			c.cores(1000, c.style.interval), c.cores(5000, c.style.interval), c.cores(5000, 2*time.Second), c.rssConn/1024)
 	}
-	env.record("%s", b.String())
+	env.Record("%s", b.String())
 
 	byName := map[string]probeCost{}
 	for _, c := range costs {
@@ -265,7 +265,7 @@ func TestProbeCost(t *testing.T) {
 // measureStyle drives style s for the window and returns its cost.
 func measureStyle(t *testing.T, p params, a *apiserver, s probeStyle, baseAPI, baseEtcd float64) probeCost {
 	t.Helper()
-	pid := a.p.cmd.Process.Pid
+	pid := a.P.Cmd.Process.Pid
 	rss0, err := rssBytes(pid)
 	if err != nil {
 		t.Fatal(err)
@@ -275,7 +275,7 @@ func measureStyle(t *testing.T, p params, a *apiserver, s probeStyle, baseAPI, b
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		s.run(ctx, a.addr(), p.ProbeRate, &ok, &failed)
+		s.run(ctx, a.Addr(), p.ProbeRate, &ok, &failed)
 	}()
 	defer func() {
 		cancel()
@@ -284,8 +284,8 @@ func measureStyle(t *testing.T, p params, a *apiserver, s probeStyle, baseAPI, b
 	// Warm up: every prober started and connected.
 	warm := time.Now().Add(proberInterval + 3*time.Second)
 	for time.Now().Before(warm) {
-		if !a.p.running() {
-			t.Fatalf("%s exited during %s", a.p.name, s.name)
+		if !a.P.Running() {
+			t.Fatalf("%s exited during %s", a.P.Name, s.name)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -293,7 +293,7 @@ func measureStyle(t *testing.T, p params, a *apiserver, s probeStyle, baseAPI, b
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := startCPU(pid, env.etcdP.cmd.Process.Pid)
+	m, err := startCPU(pid, env.Etcd.Cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -109,8 +109,8 @@ type readinessRig struct {
 func newReadinessRig(t *testing.T, ip string, standins int) *readinessRig {
 	t.Helper()
 	r := &readinessRig{a: env.startAPIServer(t, ip, "")}
-	env.waitReady(t, r.a)
-	env.mustKubectl(t, r.a.addr(), readinessRBAC, "apply", "-f", "-")
+	env.WaitReady(t, r.a)
+	env.MustKubectl(t, r.a.Addr(), readinessRBAC, "apply", "-f", "-")
 	cert, certPEM, err := standin.GenerateCertificate()
 	if err != nil {
 		t.Fatal(err)
@@ -123,7 +123,7 @@ func newReadinessRig(t *testing.T, ip string, standins int) *readinessRig {
 		t.Cleanup(func() { _ = s.Close() })
 		r.standins = append(r.standins, s)
 	}
-	ca, err := os.ReadFile(env.caFile)
+	ca, err := os.ReadFile(env.CA.File)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +132,7 @@ func newReadinessRig(t *testing.T, ip string, standins int) *readinessRig {
 	if err := os.WriteFile(bundle, append(ca, certPEM...), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	shared, err := env.kubeconfig("readiness-publisher", "https://"+r.a.addr(), env.pubToken)
+	shared, err := env.TokenKubeconfig("readiness-publisher", "https://"+r.a.Addr(), env.pubToken)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,11 +143,11 @@ func newReadinessRig(t *testing.T, ip string, standins int) *readinessRig {
 	// A copy of this test's own: the environment's kubeconfigs are
 	// shared by every test and never change once written.
 	kc := filepath.Join(dir, "readiness-publisher.kubeconfig")
-	if err := os.WriteFile(kc, []byte(strings.ReplaceAll(string(b), env.caFile, bundle)), 0o600); err != nil {
+	if err := os.WriteFile(kc, []byte(strings.ReplaceAll(string(b), env.CA.File, bundle)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	r.pubKC, r.bundle = kc, bundle
-	r.admin = r.client(t, env.adminToken)
+	r.admin = r.client(t, env.AdminToken)
 	return r
 }
 
@@ -157,8 +157,8 @@ func (r *readinessRig) client(t *testing.T, token string) kubernetes.Interface {
 	t.Helper()
 	d := &net.Dialer{Timeout: 5 * time.Second}
 	cfg := &rest.Config{
-		Host: "https://" + r.a.addr(), BearerToken: token,
-		TLSClientConfig: rest.TLSClientConfig{CAFile: env.caFile},
+		Host: "https://" + r.a.Addr(), BearerToken: token,
+		TLSClientConfig: rest.TLSClientConfig{CAFile: env.CA.File},
 		Dial:            d.DialContext, QPS: -1,
 	}
 	c, err := kubernetes.NewForConfig(cfg)
@@ -182,16 +182,16 @@ func (r *readinessRig) startPublisher(t *testing.T, id string, extra ...string) 
 	t.Helper()
 	args := append([]string{"readiness-publisher", "--kubeconfig=" + r.pubKC, "--namespace=" + readinessNS,
 		"--identity=" + id, "--admin-address=", "--endpoints=" + strings.Join(r.standinAddrs(), ",")}, extra...)
-	p, err := env.start(id, env.daemon, args...)
+	p, err := env.Start(id, env.daemon, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if p.running() {
-			p.kill()
+		if p.Running() {
+			p.Kill()
 		}
 		if t.Failed() {
-			t.Logf("last lines of %s:\n%s", p.name, p.tail(15))
+			t.Logf("last lines of %s:\n%s", p.Name, p.Tail(15))
 		}
 	})
 	return p
@@ -300,7 +300,7 @@ func TestSharedReadiness(t *testing.T) {
 	// The first document a node lists is not trusted (its publisher may be
 	// gone); the next heartbeat is.
 	w.waitAll(t, "stand-ins ready", r.standins[0].Addr(), 30*time.Second, isReady)
-	w.waitAll(t, "the real apiserver (from its EndpointSlice) ready", r.a.addr(), 10*time.Second, isReady)
+	w.waitAll(t, "the real apiserver (from its EndpointSlice) ready", r.a.Addr(), 10*time.Second, isReady)
 	d, _ := r.document(t)
 	t.Logf("published by %s, sequence %d: %v", d.Publisher, d.Sequence, d.APIServers)
 
@@ -311,7 +311,7 @@ func TestSharedReadiness(t *testing.T) {
 	turned := time.Now()
 	seen := w.waitAll(t, "the unready stand-in", target, 10*time.Second, isUnready)
 	lag := seen.Sub(turned)
-	env.record("shared readiness: a stand-in's /readyz turned 500; every one of %d Watchers saw it %.2f s later (interval 1 s)", len(w.ws), lag.Seconds())
+	env.Record("shared readiness: a stand-in's /readyz turned 500; every one of %d Watchers saw it %.2f s later (interval 1 s)", len(w.ws), lag.Seconds())
 	if lag > 2*time.Second {
 		t.Errorf("the unready apiserver reached every node %s after it turned unready; want within 2 s", lag)
 	}
@@ -322,7 +322,7 @@ func TestSharedReadiness(t *testing.T) {
 		return ok && u.State == "down"
 	})
 	out := slices.MaxFunc(at, func(a, b time.Time) int { return a.Compare(b) }).Sub(turned)
-	env.record("shared readiness: every one of %d balancers took the unready stand-in out of rotation %.2f s after it turned unready (no /readyz GET of their own)", len(nodes.nodes), out.Seconds())
+	env.Record("shared readiness: every one of %d balancers took the unready stand-in out of rotation %.2f s after it turned unready (no /readyz GET of their own)", len(nodes.nodes), out.Seconds())
 	setResult(&fleetResult.unreadyOut, out.Seconds())
 	if out > 4*time.Second+3*time.Second {
 		t.Errorf("the unready apiserver left rotation on every node %s after it turned unready; want within 4 s (+3 s slack)", out)
@@ -340,13 +340,13 @@ func TestSharedReadiness(t *testing.T) {
 	if leader == other {
 		other = "publisher-b"
 	}
-	pubs[leader].signal(syscall.SIGKILL)
+	pubs[leader].Signal(syscall.SIGKILL)
 	killed := time.Now()
 	deadline := killed.Add(20 * time.Second)
 	for {
 		n, ok := r.document(t)
 		if ok && n.Publisher == other && n.Sequence > d.Sequence {
-			env.record("shared readiness: leader %s killed (lease 4 s, retry 0.5 s); %s published %.1f s later, sequence %d -> %d",
+			env.Record("shared readiness: leader %s killed (lease 4 s, retry 0.5 s); %s published %.1f s later, sequence %d -> %d",
 				leader, other, time.Since(killed).Seconds(), d.Sequence, n.Sequence)
 			break
 		}
@@ -360,10 +360,10 @@ func TestSharedReadiness(t *testing.T) {
 
 	// No publisher left: after StaleAfter without an update, no node
 	// trusts a verdict.
-	pubs[other].signal(syscall.SIGKILL)
+	pubs[other].Signal(syscall.SIGKILL)
 	killed = time.Now()
 	stale := w.waitAll(t, "no fresh verdict", r.standins[2].Addr(), staleAfter+10*time.Second, notFresh)
-	env.record("shared readiness: last publisher killed; every Watcher reported no fresh verdict %.1f s later (StaleAfter %s, heartbeat 2 s)",
+	env.Record("shared readiness: last publisher killed; every Watcher reported no fresh verdict %.1f s later (StaleAfter %s, heartbeat 2 s)",
 		stale.Sub(killed).Seconds(), staleAfter)
 	if stale.Sub(killed) > staleAfter+2*time.Second {
 		t.Errorf("verdicts still trusted %s after the last publisher died (StaleAfter %s)", stale.Sub(killed), staleAfter)
@@ -379,7 +379,7 @@ func TestSharedReadiness(t *testing.T) {
 // and waits until each has every stand-in up on the shared verdicts.
 func (r *readinessRig) startNodes(t *testing.T, n int, staleAfter time.Duration) *fleet {
 	t.Helper()
-	kc, err := env.kubeconfig("node", "https://"+r.a.addr(), env.nodeToken)
+	kc, err := env.TokenKubeconfig("node", "https://"+r.a.Addr(), env.nodeToken)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -397,7 +397,7 @@ discovery: {enabled: false, via_local: false, kubeconfig: %s, state_file: ""}
 		if err := os.WriteFile(file, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		p, err := env.start("node-"+ip, env.daemon, "--config="+file)
+		p, err := env.Start("node-"+ip, env.daemon, "--config="+file)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -437,7 +437,7 @@ func (r *readinessRig) writeLoad(ctx context.Context, t *testing.T, rate int) in
 		b, err := readiness.Encode(readiness.Document{
 			Format: readiness.FormatVersion, Publisher: "load", Sequence: seq, Interval: time.Second,
 			Heartbeat: 10 * time.Second, Published: time.Now(),
-			APIServers: map[string]readiness.Entry{r.a.addr(): {Ready: true, Code: 200, Since: time.Now()}},
+			APIServers: map[string]readiness.Entry{r.a.Addr(): {Ready: true, Code: 200, Since: time.Now()}},
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -459,7 +459,7 @@ func (r *readinessRig) writeLoad(ctx context.Context, t *testing.T, rate int) in
 // optionally while load runs.
 func (r *readinessRig) window(t *testing.T, p params, load func(ctx context.Context) int) (cores float64, rss int64, loaded int) {
 	t.Helper()
-	pid := r.a.p.cmd.Process.Pid
+	pid := r.a.P.Cmd.Process.Pid
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	if load != nil {
@@ -491,7 +491,7 @@ func (r *readinessRig) window(t *testing.T, p params, load func(ctx context.Cont
 func TestSharedReadinessCost(t *testing.T) {
 	p := loadParams(t)
 	r := newReadinessRig(t, apiserverIPs[0], 0)
-	settle(t, r.a.p.cmd.Process.Pid, 90*time.Second)
+	settle(t, r.a.P.Cmd.Process.Pid, 90*time.Second)
 
 	// Two idle windows: their mean is the baseline, their difference the
 	// noise. (After the write load the apiserver stays busier for minutes,
@@ -512,13 +512,13 @@ func TestSharedReadinessCost(t *testing.T) {
 	withPub, _, _ := r.window(t, p, nil)
 
 	w := r.startWatchers(t, p.Watchers, 0)
-	w.waitAll(t, "fresh verdicts", r.a.addr(), 30*time.Second, isReady)
+	w.waitAll(t, "fresh verdicts", r.a.Addr(), 30*time.Second, isReady)
 	withWatch, rss1, _ := r.window(t, p, nil)
 
 	for _, pp := range pubs {
-		pp.signal(syscall.SIGTERM)
-		if err := pp.wait(10 * time.Second); err != nil {
-			t.Errorf("%s: %v", pp.name, err)
+		pp.Signal(syscall.SIGTERM)
+		if err := pp.Wait(10 * time.Second); err != nil {
+			t.Errorf("%s: %v", pp.Name, err)
 		}
 	}
 	watchIdle, _, _ := r.window(t, p, nil)
@@ -552,7 +552,7 @@ func TestSharedReadinessCost(t *testing.T) {
 		pubCores, idlePerWatch*1000, base2-base1, perEvent*1000, writeCost*1000, float64(rss1-rss0)/n/1024)
 	fmt.Fprintf(&b, "at 5,000 nodes, every watch on one apiserver, 10 s heartbeat: %.3f cores (%.3f of it the heartbeat's events, %.3f the idle watches)\n",
 		at5k, events5k, at5k-events5k)
-	env.record("%s", b.String())
+	env.Record("%s", b.String())
 	if events5k > 0.1 {
 		t.Errorf("the 10 s heartbeat's events to 5,000 watches would cost %.3f cores per apiserver; want well under 0.1", events5k)
 	}

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -15,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	harness "github.com/extractedprism/extractedprism/test/cluster"
 )
 
 // Ports of the static pod's balancer (the kubeadm manifest's defaults).
@@ -38,16 +39,6 @@ type cluster struct {
 	repo       string
 	release    bool // the Helm release is installed
 }
-
-// apiserver is one kube-apiserver of the test cluster.
-type apiserver struct {
-	ip   string
-	p    *proc
-	args []string
-}
-
-// addr is the apiserver's host:port.
-func (a *apiserver) addr() string { return net.JoinHostPort(a.ip, "6443") }
 
 // startCluster brings up etcd, the apiservers, containerd with the images
 // and the node directories; the kubelet is started by bootNode.
@@ -184,74 +175,34 @@ func remountCgroups() error {
 	return nil
 }
 
-// startEtcd starts etcd and waits for it to be healthy.
+// startEtcd starts etcd and waits for it to be healthy; its data goes
+// when the test ends.
 func (c *cluster) startEtcd(t *testing.T) {
 	t.Helper()
-	data, err := os.MkdirTemp(shmOr(env.dir), "etcd-")
-	if err != nil {
+	t.Cleanup(env.RemoveEtcdData)
+	if err := env.StartEtcd(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = os.RemoveAll(data) })
-	p, err := env.start("etcd", env.bin.etcd,
-		"--name=node-e2e", "--data-dir="+data,
-		"--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
-		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
-		"--initial-cluster=node-e2e=http://127.0.0.1:2380", "--log-level=warn")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.etcd = p
-	poll(t, "etcd healthy", time.Minute, 100*time.Millisecond, func() (bool, string) {
-		if !p.running() {
-			t.Fatalf("etcd exited: %v\n%s", p.err, p.tail(20))
-		}
-		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://127.0.0.1:2379/health")
-		if err != nil {
-			return false, err.Error()
-		}
-		body, _ := io.ReadAll(resp.Body)
-		_ = resp.Body.Close()
-		return resp.StatusCode == http.StatusOK && bytes.Contains(body, []byte(`"health":"true"`)), string(body)
-	})
+	c.etcd = env.Etcd
 }
 
-// shmOr returns /dev/shm when it exists (etcd's fsyncs are cheap there).
-func shmOr(dir string) string {
-	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
-		return "/dev/shm"
-	}
-	return dir
-}
-
-// startAPIServer starts a kube-apiserver on ip (not waiting for it).
+// startAPIServer starts a kube-apiserver on ip (not waiting for it), with
+// the node's authorizer and admission, its client certificate for the
+// kubelets and an audit log of the kubelet's requests.
 func (c *cluster) startAPIServer(t *testing.T, ip string) *apiserver {
 	t.Helper()
-	// Each apiserver gets a host name of its own (a UTS namespace): its
-	// identity lease is named after the host name.
-	host := "apiserver-" + strings.ReplaceAll(ip, ".", "-")
-	args := []string{"--uts", "--", "sh", "-c", `hostname "$0" && exec "$@"`, host, env.bin.apiserver,
-		"--etcd-servers=http://127.0.0.1:2379",
-		"--bind-address=" + ip, "--secure-port=6443", "--advertise-address=" + ip,
-		"--cert-dir=" + env.path("apiserver-certs-"+ip),
-		"--tls-cert-file=" + env.apiCertFile, "--tls-private-key-file=" + env.apiKeyFile,
-		"--client-ca-file=" + env.caFile,
-		"--token-auth-file=" + env.tokenFile,
-		"--kubelet-client-certificate=" + env.apiKubeletClientCert,
-		"--kubelet-client-key=" + env.apiKubeletClientKey,
+	a, err := env.StartAPIServer(ip,
+		"--kubelet-client-certificate="+env.apiKubeletClientCert,
+		"--kubelet-client-key="+env.apiKubeletClientKey,
 		"--kubelet-preferred-address-types=InternalIP",
-		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file=" + env.saKeyFile,
-		"--service-account-signing-key-file=" + env.saKeyFile,
-		"--service-cluster-ip-range=10.0.0.0/24",
-		"--authorization-mode=Node,RBAC",
 		"--enable-admission-plugins=NodeRestriction",
-		"--profiling=false",
-		"--audit-policy-file=" + env.path("audit-policy.yaml"),
-		"--audit-log-path=" + auditLog(ip),
-		"--audit-log-maxsize=100",
+		"--audit-policy-file="+env.path("audit-policy.yaml"),
+		"--audit-log-path="+auditLog(ip),
+		"--audit-log-maxsize=100")
+	if err != nil {
+		t.Fatal(err)
 	}
-	a := &apiserver{ip: ip, args: args}
-	a.p = c.run(t, "apiserver-"+ip, "unshare", args...)
+	c.showTail(t, a.P)
 	return a
 }
 
@@ -272,33 +223,43 @@ func auditLog(ip string) string { return env.path("logs", "audit-"+ip+".log") }
 // restart starts a stopped apiserver again with the same arguments.
 func (c *cluster) restartAPIServer(t *testing.T, a *apiserver) {
 	t.Helper()
-	a.p = c.run(t, "apiserver-"+a.ip, "unshare", a.args...)
+	b, err := env.StartAPIServer(a.IP, a.Extra...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.showTail(t, b.P)
+	*a = *b
 }
 
 // run starts a process for the whole run and shows its log tail when the
 // test failed.
 func (c *cluster) run(t *testing.T, name, bin string, args ...string) *proc {
 	t.Helper()
-	p, err := env.start(name, bin, args...)
+	p, err := env.Start(name, bin, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
+	c.showTail(t, p)
+	return p
+}
+
+// showTail shows the last lines of p's log when t failed.
+func (c *cluster) showTail(t *testing.T, p *proc) {
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("last lines of %s:\n%s", name, p.tail(25))
+			t.Logf("last lines of %s:\n%s", p.Name, p.Tail(25))
 		}
 	})
-	return p
 }
 
 // waitAPIServer waits for /readyz of a.
 func (c *cluster) waitAPIServer(t *testing.T, a *apiserver, timeout time.Duration) time.Time {
 	t.Helper()
-	return poll(t, a.p.name+" ready", timeout, 200*time.Millisecond, func() (bool, string) {
-		if !a.p.running() {
-			t.Fatalf("%s exited: %v\n%s", a.p.name, a.p.err, a.p.tail(30))
+	return poll(t, a.P.Name+" ready", timeout, 200*time.Millisecond, func() (bool, string) {
+		if !a.P.Running() {
+			t.Fatalf("%s exited: %v\n%s", a.P.Name, a.P.Err, a.P.Tail(30))
 		}
-		code, _, err := env.api(a.addr(), http.MethodGet, "/readyz", nil)
+		code, _, err := env.api(a.Addr(), http.MethodGet, "/readyz", nil)
 		if err != nil {
 			return false, err.Error()
 		}
@@ -316,7 +277,7 @@ func (e *environment) api(server, method, path string, body []byte) (int, []byte
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := e.httpsClient("kubernetes").Do(req)
+	resp, err := e.HTTPSClient().Do(req)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -340,11 +301,11 @@ func (e *environment) getObject(server, path string, v any) error {
 // liveAPIServer returns the address of an apiserver that is running.
 func (c *cluster) liveAPIServer() string {
 	for _, a := range c.apiservers {
-		if a.p.running() {
-			return a.addr()
+		if a.P.Running() {
+			return a.Addr()
 		}
 	}
-	return c.apiservers[0].addr()
+	return c.apiservers[0].Addr()
 }
 
 // containerdConfig is containerd's configuration: everything under the
@@ -408,17 +369,17 @@ func (c *cluster) startContainerd(t *testing.T) {
 	if err := os.MkdirAll(env.path("cni", "net.d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(env.path("cni", "net.d", "10-node-e2e.conflist"), fmt.Appendf(nil, cniConfig, env.dir), 0o644); err != nil {
+	if err := os.WriteFile(env.path("cni", "net.d", "10-node-e2e.conflist"), fmt.Appendf(nil, cniConfig, env.Dir), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	cfg := env.path("containerd.toml")
-	if err := os.WriteFile(cfg, fmt.Appendf(nil, containerdConfig, env.dir, c.sock, toolsImage), 0o644); err != nil {
+	if err := os.WriteFile(cfg, fmt.Appendf(nil, containerdConfig, env.Dir, c.sock, toolsImage), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	c.containerd = c.run(t, "containerd", env.bin.containerd, "--config", cfg)
 	poll(t, "containerd socket", time.Minute, 200*time.Millisecond, func() (bool, string) {
-		if !c.containerd.running() {
-			t.Fatalf("containerd exited: %v\n%s", c.containerd.err, c.containerd.tail(30))
+		if !c.containerd.Running() {
+			t.Fatalf("containerd exited: %v\n%s", c.containerd.Err, c.containerd.Tail(30))
 		}
 		out, err := c.ctr("version")
 		return err == nil, out
@@ -529,13 +490,13 @@ func (c *cluster) startKubelet(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := env.path("kubelet.yaml")
-	doc := fmt.Sprintf(kubeletConfig, env.dir, cgroupRoot, c.sock, nodeIP,
+	doc := fmt.Sprintf(kubeletConfig, env.Dir, cgroupRoot, c.sock, nodeIP,
 		env.kubeletServingCert, env.kubeletServingKey, env.caFile)
 	if err := os.WriteFile(cfg, []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	kc, err := env.kubeconfig("kubelet", kubeconfigSpec{server: "https://" + balancerAddr, serverName: "kubernetes",
-		cert: env.kubeletClientCert, key: env.kubeletClientKey})
+	kc, err := env.Kubeconfig("kubelet", harness.Kubeconfig{Server: "https://" + balancerAddr, ServerName: "kubernetes",
+		Cert: env.kubeletClientCert, Key: env.kubeletClientKey})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -547,18 +508,18 @@ func (c *cluster) startKubelet(t *testing.T) {
 // also reach the API through the node's balancer.
 func (c *cluster) startControllers(t *testing.T) {
 	t.Helper()
-	cm, err := env.kubeconfig("controller-manager", kubeconfigSpec{server: "https://" + balancerAddr, serverName: "kubernetes", token: env.cmToken})
+	cm, err := env.Kubeconfig("controller-manager", harness.Kubeconfig{Server: "https://" + balancerAddr, ServerName: "kubernetes", Token: env.cmToken})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sched, err := env.kubeconfig("scheduler", kubeconfigSpec{server: "https://" + balancerAddr, serverName: "kubernetes", token: env.schedToken})
+	sched, err := env.Kubeconfig("scheduler", harness.Kubeconfig{Server: "https://" + balancerAddr, ServerName: "kubernetes", Token: env.schedToken})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.cm = c.run(t, "kube-controller-manager", env.bin.controllerManager,
 		"--kubeconfig="+cm, "--authentication-kubeconfig="+cm, "--authorization-kubeconfig="+cm,
 		"--leader-elect=false", "--use-service-account-credentials=true",
-		"--service-account-private-key-file="+env.saKeyFile, "--root-ca-file="+env.caFile,
+		"--service-account-private-key-file="+env.SAKeyFile, "--root-ca-file="+env.caFile,
 		"--bind-address=127.0.0.1", "--secure-port=10257", "--profiling=false")
 	c.sched = c.run(t, "kube-scheduler", env.bin.scheduler,
 		"--kubeconfig="+sched, "--authentication-kubeconfig="+sched, "--authorization-kubeconfig="+sched,
@@ -569,8 +530,8 @@ func (c *cluster) startControllers(t *testing.T) {
 func (c *cluster) checkAlive(t *testing.T) {
 	t.Helper()
 	for _, p := range []*proc{c.etcd, c.containerd, c.kubelet, c.cm, c.sched} {
-		if p != nil && !p.running() {
-			t.Fatalf("%s exited: %v\n%s", p.name, p.err, p.tail(30))
+		if p != nil && !p.Running() {
+			t.Fatalf("%s exited: %v\n%s", p.Name, p.Err, p.Tail(30))
 		}
 	}
 }

@@ -5,3 +5,11 @@
 module github.com/extractedprism/extractedprism/test/node
 
 go 1.26.8
+
+require github.com/extractedprism/extractedprism/test/cluster v0.0.0
+
+require github.com/extractedprism/extractedprism v0.0.0 // indirect
+
+replace github.com/extractedprism/extractedprism/test/cluster => ../cluster
+
+replace github.com/extractedprism/extractedprism => ../..

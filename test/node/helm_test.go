@@ -129,7 +129,7 @@ func (c *cluster) helmDaemonSet(t *testing.T) {
 	var summary []string
 	for _, ch := range checks {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		out, _ := env.kubectl(ctx, c.liveAPIServer(), "", append([]string{"auth", "can-i", "--as=" + saUser}, ch.args...)...)
+		out, _ := env.Kubectl(ctx, c.liveAPIServer(), "", append([]string{"auth", "can-i", "--as=" + saUser}, ch.args...)...)
 		cancel()
 		// The answer is the last line (kubectl may warn before it).
 		lines := strings.Split(strings.TrimSpace(out), "\n")
@@ -190,7 +190,7 @@ func (c *cluster) helmDaemonSet(t *testing.T) {
 		t.Fatal(err)
 	}
 	req.Header.Set("Authorization", "Bearer "+env.adminToken)
-	resp, err := env.httpsClient("kubernetes").Do(req)
+	resp, err := env.HTTPSClient().Do(req)
 	if err != nil {
 		t.Fatalf("GET /readyz through %s: %v", dsBalancerAddr, err)
 	}
@@ -210,7 +210,7 @@ func (c *cluster) renderedDaemonSet(t *testing.T, extra ...string) map[string]an
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	js := env.mustKubectl(t, c.liveAPIServer(), out, "create", "--dry-run=client", "-o", "json", "-f", "-")
+	js := env.MustKubectl(t, c.liveAPIServer(), out, "create", "--dry-run=client", "-o", "json", "-f", "-")
 	var ds map[string]any
 	if err := json.Unmarshal([]byte(js), &ds); err != nil {
 		t.Fatal(err)
@@ -464,7 +464,7 @@ func (c *cluster) configReload(t *testing.T) {
 		return doc.Config.LastReload.After(before.Config.LastReload) && doc.Config.LastReloadOK,
 			fmt.Sprintf("last reload %s ok=%t %s", doc.Config.LastReload, doc.Config.LastReloadOK, doc.Config.LastReloadError)
 	})
-	logs := env.mustKubectl(t, c.liveAPIServer(), "", "logs", "-n", "kube-system", pod.Metadata.Name)
+	logs := env.MustKubectl(t, c.liveAPIServer(), "", "logs", "-n", "kube-system", pod.Metadata.Name)
 	if !strings.Contains(logs, "configuration reloaded") {
 		t.Errorf("pod log has no \"configuration reloaded\":\n%s", logs)
 	}
@@ -572,15 +572,15 @@ func (c *cluster) uninstall(t *testing.T) {
 	poll(t, "nothing of the release left", 3*time.Minute, time.Second, func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		ns, err := env.kubectl(ctx, c.liveAPIServer(), "", "get", kinds, "--all-namespaces", "-l", instanceSel, "-o", "name")
+		ns, err := env.Kubectl(ctx, c.liveAPIServer(), "", "get", kinds, "--all-namespaces", "-l", instanceSel, "-o", "name")
 		if err != nil {
 			return false, err.Error()
 		}
-		cl, err := env.kubectl(ctx, c.liveAPIServer(), "", "get", "clusterroles,clusterrolebindings", "-l", instanceSel, "-o", "name")
+		cl, err := env.Kubectl(ctx, c.liveAPIServer(), "", "get", "clusterroles,clusterrolebindings", "-l", instanceSel, "-o", "name")
 		if err != nil {
 			return false, err.Error()
 		}
-		helmSecrets, err := env.kubectl(ctx, c.liveAPIServer(), "", "get", "secrets", "-n", "kube-system", "-l", "owner=helm,name="+release, "-o", "name")
+		helmSecrets, err := env.Kubectl(ctx, c.liveAPIServer(), "", "get", "secrets", "-n", "kube-system", "-l", "owner=helm,name="+release, "-o", "name")
 		if err != nil {
 			return false, err.Error()
 		}
@@ -610,7 +610,7 @@ func (c *cluster) uninstall(t *testing.T) {
 		{"-n", "kube-system", "delete", "configmap", release + "-readiness"},
 		{"-n", "kube-system", "delete", "lease", release + "-readiness-publisher"},
 	} {
-		env.mustKubectl(t, c.liveAPIServer(), "", args...)
+		env.MustKubectl(t, c.liveAPIServer(), "", args...)
 	}
 	for _, p := range leftovers {
 		if ok, err := exists(c.liveAPIServer(), p); err != nil || ok {

@@ -5,8 +5,8 @@
 //
 // The test binary creates a network namespace of its own (API servers on
 // 198.51.100.11-13, the node on 198.51.100.20, all on the namespace's lo)
-// and runs itself again inside it. The inner run also has a mount namespace
-// of its own (ip netns exec makes one): the host paths the manifests use
+// and runs itself again inside it (test/cluster's Netns). The inner run
+// also has a mount namespace of its own (ip netns exec makes one): the host paths the manifests use
 // (/etc/extractedprism, /var/lib/extractedprism, /var/log/containers) and the
 // kernel settings the kubelet insists on are bind mounts of files in the
 // test's work directory there, so the host keeps its own. Pods live in a
@@ -15,30 +15,31 @@
 package node
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	harness "github.com/extractedprism/extractedprism/test/cluster"
 )
 
-// Environment variables between the outer and the inner run.
+// Environment variables between the outer and the inner run (besides the
+// namespace's name, netns.EnvVar).
 const (
-	netnsEnv   = "EP_NODE_NETNS"
 	workDirEnv = "EP_NODE_WORKDIR"
 	cgroupEnv  = "EP_NODE_CGROUP"
 )
 
+// netns is the namespace the tests run in.
+var netns = &harness.Netns{Prefix: "ep-node", Tag: "node-e2e", EnvVar: "EP_NODE_NETNS"}
+
 // apiserverIPs are the addresses of the test apiservers, on the namespace's lo.
-var apiserverIPs = []string{"198.51.100.11", "198.51.100.12", "198.51.100.13"}
+var apiserverIPs = harness.APIServerIPv4[:3]
 
 // nodeIP is the node's address (the kubelet's, on the namespace's lo).
 const nodeIP = "198.51.100.20"
@@ -57,7 +58,7 @@ var hostMountpoints = []string{"/etc/extractedprism", "/var/lib/extractedprism",
 var cgroupRoot = os.Getenv(cgroupEnv)
 
 func TestMain(m *testing.M) {
-	if os.Getenv(netnsEnv) == "" {
+	if !netns.Inside() {
 		os.Exit(runOutside())
 	}
 	os.Exit(runInside(m))
@@ -70,13 +71,8 @@ func runOutside() int {
 		fmt.Fprintln(os.Stderr, "node-e2e: needs root (network namespace, containerd, kubelet)")
 		return 1
 	}
-	b := make([]byte, 4)
-	if _, err := rand.Read(b); err != nil {
-		fmt.Fprintln(os.Stderr, "node-e2e:", err)
-		return 1
-	}
-	name := "ep-node-" + hex.EncodeToString(b)
-	cgroupRoot = "/" + name
+	netns.NewName()
+	cgroupRoot = "/" + netns.Name
 	work, err := os.MkdirTemp("", "ep-node-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "node-e2e: work directory:", err)
@@ -111,62 +107,14 @@ func runOutside() int {
 		fmt.Fprintln(os.Stderr, "node-e2e: cgroups:", err)
 		return 1
 	}
-	defer deleteNetns(name)
-	setup := [][]string{
-		{"netns", "add", name},
-		{"-n", name, "link", "set", "lo", "up"},
-	}
-	for _, ip := range append(append([]string{}, apiserverIPs...), nodeIP, serviceIP) {
-		setup = append(setup, []string{"-n", name, "addr", "add", ip + "/32", "dev", "lo"})
-	}
-	for _, args := range setup {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "node-e2e: ip %s: %v: %s\n", strings.Join(args, " "), err, out)
-			return 1
-		}
-	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", name, os.Args[0]}, os.Args[1:]...)...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), netnsEnv+"="+name, workDirEnv+"="+work, cgroupEnv+"="+cgroupRoot)
-	if err := cmd.Start(); err != nil {
+	defer netns.Delete()
+	netns.Addrs = append(append([]string{}, apiserverIPs...), nodeIP, serviceIP)
+	if err := netns.Create(); err != nil {
 		fmt.Fprintln(os.Stderr, "node-e2e:", err)
 		return 1
 	}
-	// Pass interrupts on so the inner run can clean up its processes.
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	for {
-		select {
-		case s := <-sigs:
-			_ = cmd.Process.Signal(s)
-		case err := <-done:
-			var exit *exec.ExitError
-			if errors.As(err, &exit) {
-				return exit.ExitCode()
-			}
-			if err != nil {
-				fmt.Fprintln(os.Stderr, "node-e2e:", err)
-				return 1
-			}
-			return 0
-		}
-	}
-}
-
-// deleteNetns kills every process left in the namespace and deletes it.
-func deleteNetns(name string) {
-	out, _ := exec.Command("ip", "netns", "pids", name).Output()
-	for _, f := range strings.Fields(string(out)) {
-		if pid, err := strconv.Atoi(f); err == nil {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-	if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "node-e2e: ip netns del %s: %v: %s\n", name, err, out)
-	}
+	netns.Env = []string{workDirEnv + "=" + work, cgroupEnv + "=" + cgroupRoot}
+	return netns.Exec()
 }
 
 // cgroupHierarchies lists the mounted cgroup hierarchies (v1, and the v2
@@ -271,6 +219,6 @@ func runInside(m *testing.M) int {
 		defer env.close()
 		return m.Run()
 	}()
-	env.report()
+	env.Report()
 	return code
 }

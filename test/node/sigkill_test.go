@@ -49,8 +49,8 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 		most := 0
 		served = served[:0]
 		for _, a := range c.apiservers {
-			n := kubeletRequests(a.ip, now.Add(-15*time.Second), now)
-			served = append(served, fmt.Sprintf("%s: %d", a.ip, n))
+			n := kubeletRequests(a.IP, now.Add(-15*time.Second), now)
+			served = append(served, fmt.Sprintf("%s: %d", a.IP, n))
 			if n > most {
 				victim, most = a, n
 			}
@@ -60,7 +60,7 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	var observer string
 	for _, a := range c.apiservers {
 		if a != victim {
-			observer = a.addr()
+			observer = a.Addr()
 			break
 		}
 	}
@@ -73,11 +73,11 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	// A baseline with everything up.
 	time.Sleep(5 * time.Second)
 	killedAt := time.Now()
-	victim.p.signal(syscall.SIGKILL)
-	if err := victim.p.wait(30 * time.Second); err == nil {
-		t.Fatalf("%s exited cleanly on SIGKILL", victim.p.name)
+	victim.P.Signal(syscall.SIGKILL)
+	if err := victim.P.Wait(30 * time.Second); err == nil {
+		t.Fatalf("%s exited cleanly on SIGKILL", victim.P.Name)
 	}
-	env.record("SIGKILL %s for %s; kubelet requests per apiserver in the 15 s before: %s", victim.addr(), killDuration, strings.Join(served, ", "))
+	env.record("SIGKILL %s for %s; kubelet requests per apiserver in the 15 s before: %s", victim.Addr(), killDuration, strings.Join(served, ", "))
 	deadline := time.After(killDuration)
 	tick := time.NewTicker(time.Second)
 	for waiting := true; waiting; {
@@ -108,12 +108,12 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	failed, watches := kubeletAPIErrors(c.kubelet.log, killedAt.Add(-time.Second), end)
+	failed, watches := kubeletAPIErrors(c.kubelet.Log, killedAt.Add(-time.Second), end)
 	var after []string
 	for _, a := range c.apiservers {
-		after = append(after, fmt.Sprintf("%s: %d", a.ip, kubeletRequests(a.ip, killedAt, back)))
+		after = append(after, fmt.Sprintf("%s: %d", a.IP, kubeletRequests(a.IP, killedAt, back)))
 	}
-	env.record("apiserver SIGKILL: kubelet requests per apiserver while %s was down: %s", victim.ip, strings.Join(after, ", "))
+	env.record("apiserver SIGKILL: kubelet requests per apiserver while %s was down: %s", victim.IP, strings.Join(after, ", "))
 	env.record("apiserver SIGKILL: node Ready in %d of %d checks (1/s), max lease renew gap %.1f s, Ready since %s (unchanged: %t)",
 		mon.ready, mon.checks, mon.maxLeaseGap.Seconds(), afterNode.ready().LastTransitionTime.Format(time.RFC3339),
 		afterNode.ready().LastTransitionTime.Equal(before.ready().LastTransitionTime))
@@ -153,7 +153,7 @@ func (c *cluster) apiserverSigkill(t *testing.T) {
 // ensureWorkload creates the ticker pod once and waits for it to run.
 func (c *cluster) ensureWorkload(t *testing.T) {
 	t.Helper()
-	env.mustKubectl(t, c.liveAPIServer(), workloadPod, "apply", "-f", "-")
+	env.MustKubectl(t, c.liveAPIServer(), workloadPod, "apply", "-f", "-")
 	poll(t, "ticker pod Running", 3*time.Minute, 500*time.Millisecond, func() (bool, string) {
 		c.checkAlive(t)
 		p, err := getPod(c.liveAPIServer(), "default", "ticker")
@@ -261,7 +261,7 @@ func startClientOps(t *testing.T) *clientOps {
 				want = "exec-ok"
 			}
 			octx, ocancel := context.WithTimeout(ctx, 30*time.Second)
-			out, err := env.kubectl(octx, balancerAddr, "", args...)
+			out, err := env.Kubectl(octx, balancerAddr, "", args...)
 			ocancel()
 			if ctx.Err() != nil {
 				return
@@ -281,7 +281,7 @@ func startClientOps(t *testing.T) *clientOps {
 	}()
 	go func() {
 		defer o.wg.Done()
-		kc, err := env.adminKubeconfig(balancerAddr)
+		kc, err := env.AdminKubeconfig(balancerAddr)
 		if err != nil {
 			return
 		}
@@ -292,7 +292,7 @@ func startClientOps(t *testing.T) *clientOps {
 				o.mu.Unlock()
 			}
 			cmd := exec.CommandContext(ctx, env.bin.kubectl, "--kubeconfig="+kc, "logs", "-f", "-n", "default", "ticker", "--tail=0")
-			cmd.Env = append(os.Environ(), "HOME="+env.dir)
+			cmd.Env = append(os.Environ(), "HOME="+env.Dir)
 			out, err := cmd.StdoutPipe()
 			if err != nil {
 				return
