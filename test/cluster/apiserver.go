@@ -33,13 +33,19 @@ func (a *APIServer) Addr() string { return net.JoinHostPort(a.IP, APIServerPort)
 // then Env.APIServerFlags and extra (a later flag wins over an earlier
 // one, so extra may set --service-cluster-ip-range of both families).
 func (e *Env) APIServerArgs(ip string, extra ...string) []string {
+	return e.apiServerArgs(ip, ip, EtcdURL, extra)
+}
+
+// apiServerArgs is APIServerArgs with the bind address and etcd's URL of
+// its own.
+func (e *Env) apiServerArgs(ip, bind, etcd string, extra []string) []string {
 	mode := e.AuthorizationMode
 	if mode == "" {
 		mode = "RBAC"
 	}
 	args := []string{"--uts", "--", "sh", "-c", `hostname "$0" && exec "$@"`, "apiserver-" + hostLabel(ip), e.Bins.APIServer,
-		"--etcd-servers=" + EtcdURL,
-		"--bind-address=" + ip, "--secure-port=" + APIServerPort, "--advertise-address=" + ip,
+		"--etcd-servers=" + etcd,
+		"--bind-address=" + bind, "--secure-port=" + APIServerPort, "--advertise-address=" + ip,
 		"--cert-dir=" + e.Path("certs-"+hostLabel(ip)),
 		"--tls-cert-file=" + e.CertFile, "--tls-private-key-file=" + e.KeyFile,
 		"--client-ca-file=" + e.CA.File,

@@ -18,7 +18,7 @@ import (
 // tests again inside it; otherwise only the tests that need no root run.
 var netns = &Netns{
 	Prefix: "ep-cluster", Tag: "cluster", EnvVar: "EP_CLUSTER_NETNS",
-	Addrs: []string{APIServerIPv4[0], APIServerIPv6[0]},
+	Addrs: []string{APIServerIPv4[0], APIServerIPv6[0], GatewayIPv4},
 }
 
 func TestMain(m *testing.M) {
@@ -165,27 +165,32 @@ func TestProcs(t *testing.T) {
 	ps.KillAll()
 }
 
+// controlPlane makes an environment and starts etcd, for the tests that
+// need root.
+func controlPlane(t *testing.T) *Env {
+	t.Helper()
+	if !netns.Inside() {
+		t.Skip("needs root (a network namespace of its own)")
+	}
+	o := ModuleOptions("cluster", "EP_CLUSTER")
+	o.Programs, o.Hosts = nil, true
+	e, err := NewEnv(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close(os.Getenv("EP_CLUSTER_KEEP") != "") })
+	if err := e.StartEtcd(); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
 // TestIPv6ControlPlane brings up etcd and one kube-apiserver that listens
 // on an IPv6 address only, and checks what a user sees: /readyz, and the
 // kubernetes Service and EndpointSlice of the IPv6 family.
 func TestIPv6ControlPlane(t *testing.T) {
-	if !netns.Inside() {
-		t.Skip("needs root (a network namespace of its own)")
-	}
-	bins, err := FindBins("EP_CLUSTER_BIN")
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := controlPlane(t)
 	ip := APIServerIPv6[0]
-	e, err := NewEnv(Options{Name: "cluster", Bins: bins,
-		ServingCert: CertSpec{DNS: ServiceDNSNames, IPs: []string{ip, ServiceIPv6}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close(os.Getenv("EP_CLUSTER_KEEP") != "")
-	if err := e.StartEtcd(); err != nil {
-		t.Fatal(err)
-	}
 	a := e.RunAPIServer(t, ip)
 	e.WaitReady(t, a)
 	if a.Addr() != "[fd00::11]:6443" {
@@ -205,5 +210,21 @@ func TestIPv6ControlPlane(t *testing.T) {
 	out = e.MustKubectl(t, a.Addr(), "", "get", "endpointslice", "kubernetes", "-n", "default", "-o", "jsonpath={.addressType}")
 	if out != "IPv6" {
 		t.Fatalf("kubernetes EndpointSlice addressType %q, want IPv6", out)
+	}
+}
+
+// TestDualStackHost runs a kube-apiserver on a host of its own (AddHost)
+// and reaches it on both of the host's addresses, from the test namespace.
+func TestDualStackHost(t *testing.T) {
+	e := controlPlane(t)
+	h := e.AddHost(t, netns, 0)
+	a := e.RunHostAPIServer(t, h, h.IPv4, "--etcd-prefix=/registry-dual",
+		"--service-cluster-ip-range="+ServiceCIDRv4+","+ServiceCIDRv6)
+	a6 := &APIServer{IP: h.IPv6, P: a.P}
+	e.WaitReady(t, a, a6)
+	for _, s := range []*APIServer{a, a6} {
+		if got := e.MustKubectl(t, s.Addr(), "", "get", "endpointslice", "kubernetes", "-n", "default", "-o", "jsonpath={.addressType} {.endpoints[*].addresses[*]}"); got != "IPv4 "+h.IPv4 {
+			t.Fatalf("kubernetes EndpointSlice through %s: %q, want IPv4 %s", s.Addr(), got, h.IPv4)
+		}
 	}
 }

@@ -48,6 +48,9 @@ type Options struct {
 	// figure as it is recorded.
 	ReportPath string
 	Echo       bool
+	// Hosts: the tests run apiservers on hosts (AddHost), and etcd listens
+	// on GatewayIPv4 too, which must be among the namespace's addresses.
+	Hosts bool
 	// For RunTests: KeepEnv names the environment variable that keeps the
 	// work directory, EtcdFlags are etcd's extra flags and ReportExtra
 	// returns lines for the report's end.
@@ -71,7 +74,9 @@ func ModuleOptions(name, envPrefix string, users ...string) Options {
 			IPs: []string{"127.0.0.1", "::1", ServiceIPv4, ServiceIPv6},
 		},
 	}
-	o.ServingCert.IPs = append(append(o.ServingCert.IPs, APIServerIPv4...), APIServerIPv6...)
+	for _, ips := range [][]string{APIServerIPv4, APIServerIPv6, HostIPv4, HostIPv6} {
+		o.ServingCert.IPs = append(o.ServingCert.IPs, ips...)
+	}
 	for _, u := range users {
 		o.Users = append(o.Users, User{Name: u})
 	}
@@ -103,6 +108,7 @@ type Env struct {
 	Etcd     *Proc
 	EtcdData string
 
+	hosts      bool
 	reportPath string
 	echo       bool
 	mu         sync.Mutex
@@ -113,7 +119,7 @@ type Env struct {
 // certificate, the service account key and the token file into its pki
 // folder.
 func NewEnv(o Options) (*Env, error) {
-	e := &Env{Name: o.Name, Dir: o.Dir, Bins: o.Bins, ServerName: o.ServerName, reportPath: o.ReportPath, echo: o.Echo,
+	e := &Env{Name: o.Name, Dir: o.Dir, Bins: o.Bins, ServerName: o.ServerName, reportPath: o.ReportPath, echo: o.Echo, hosts: o.Hosts,
 		Programs: map[string]string{}}
 	if o.BinEnv != "" {
 		var err error

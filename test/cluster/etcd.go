@@ -10,8 +10,12 @@ import (
 	"time"
 )
 
-// EtcdURL is where etcd serves its clients, inside the test namespace.
-const EtcdURL = "http://127.0.0.1:2379"
+// EtcdURL is where etcd serves its clients, inside the test namespace;
+// HostEtcdURL is where the hosts' apiservers reach it (Options.Hosts).
+const (
+	EtcdURL     = "http://127.0.0.1:2379"
+	HostEtcdURL = "http://" + GatewayIPv4 + ":2379"
+)
 
 // StartEtcd starts etcd (one member, named after the run, its data in
 // /dev/shm where that exists) with the extra flags and waits up to a
@@ -25,9 +29,13 @@ func (e *Env) StartEtcd(extra ...string) error {
 		}
 		e.EtcdData = data
 	}
+	listen := EtcdURL
+	if e.hosts {
+		listen += "," + HostEtcdURL
+	}
 	args := append([]string{
 		"--name=" + e.Name, "--data-dir=" + e.EtcdData,
-		"--listen-client-urls=" + EtcdURL, "--advertise-client-urls=" + EtcdURL,
+		"--listen-client-urls=" + listen, "--advertise-client-urls=" + EtcdURL,
 		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
 		"--initial-cluster=" + e.Name + "=http://127.0.0.1:2380", "--log-level=warn",
 	}, extra...)

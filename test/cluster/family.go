@@ -13,6 +13,19 @@ var (
 	APIServerIPv4 = []string{"198.51.100.11", "198.51.100.12", "198.51.100.13", "198.51.100.14"}
 	// APIServerIPv6 are the apiservers' IPv6 addresses.
 	APIServerIPv6 = []string{"fd00::11", "fd00::12", "fd00::13", "fd00::14"}
+	// HostIPv4 and HostIPv6 are the addresses of dual-stack hosts (AddHost),
+	// one of each family a host.
+	HostIPv4 = []string{"198.51.100.21", "198.51.100.22", "198.51.100.23"}
+	HostIPv6 = []string{"fd00::21", "fd00::22", "fd00::23"}
+)
+
+// GatewayIPv4 and GatewayIPv6 are the test namespace's addresses as the
+// hosts see it: GatewayIPv4 is on the namespace's lo (etcd listens there
+// for the hosts' apiservers, Options.Hosts), GatewayIPv6 (link-local) on
+// the namespace's end of every host's link.
+const (
+	GatewayIPv4 = "192.0.2.1"
+	GatewayIPv6 = "fe80::1"
 )
 
 // The service ranges of the control plane (--service-cluster-ip-range),

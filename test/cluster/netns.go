@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -83,9 +84,16 @@ func (n *Netns) Create() error {
 	return nil
 }
 
+// HostName is the name of host i's namespace (AddHost).
+func (n *Netns) HostName(i int) string { return fmt.Sprintf("%s-h%d", os.Getenv(n.EnvVar), i) }
+
 // Delete kills every process left in the namespace (by PID, as the kernel
-// lists them) and deletes it.
+// lists them) and deletes it, and the hosts' namespaces a run left.
 func (n *Netns) Delete() {
+	hosts, _ := filepath.Glob("/run/netns/" + n.Name + "-h*")
+	for _, h := range hosts {
+		_ = exec.Command("ip", "netns", "del", filepath.Base(h)).Run()
+	}
 	out, _ := exec.Command("ip", "netns", "pids", n.Name).Output()
 	for _, f := range strings.Fields(string(out)) {
 		if pid, err := strconv.Atoi(f); err == nil {

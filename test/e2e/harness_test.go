@@ -103,6 +103,8 @@ func (e *environment) applyRBAC(t *testing.T, server string) {
 type daemon struct {
 	p     *proc
 	start time.Time
+	// admin is its admin address (host:port).
+	admin string
 }
 
 // adminAddr is extractedprism's admin address inside the namespace.
@@ -111,14 +113,22 @@ const adminAddr = "127.0.0.1:7446"
 // proxyAddr is extractedprism's listener inside the namespace.
 const proxyAddr = "127.0.0.1:7445"
 
-// startDaemon runs bin/extractedprism with args.
+// startDaemon runs bin/extractedprism with args, its admin server on
+// adminAddr.
 func (e *environment) startDaemon(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	return e.startDaemonAdmin(t, adminAddr, args...)
+}
+
+// startDaemonAdmin runs bin/extractedprism with args, its admin server on
+// admin.
+func (e *environment) startDaemonAdmin(t *testing.T, admin string, args ...string) *daemon {
 	t.Helper()
 	p, err := e.Start("extractedprism", e.daemon, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{p: p, start: time.Now()}
+	d := &daemon{p: p, start: time.Now(), admin: admin}
 	t.Cleanup(func() {
 		if p.Running() {
 			p.Kill()
@@ -131,7 +141,7 @@ func (e *environment) startDaemon(t *testing.T, args ...string) *daemon {
 }
 
 // status fetches /status.
-func (d *daemon) status() (status.Document, error) { return cluster.GetStatus(nil, adminAddr) }
+func (d *daemon) status() (status.Document, error) { return cluster.GetStatus(nil, d.admin) }
 
 // waitStatus polls /status until cond holds and returns the document and
 // the time it first held.

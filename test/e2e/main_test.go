@@ -6,7 +6,9 @@
 // interface and runs itself again inside it (test/cluster's Netns); etcd,
 // the apiservers, extractedprism and kubectl all run in there, so no
 // traffic leaves the namespace and the ports used (7445, 7446, 2379, 6443)
-// cannot collide with anything on the host. The namespace and every
+// cannot collide with anything on the host. TestDualStack's apiservers run
+// on three hosts, namespaces of their own joined to the test's by veth
+// pairs (198.51.100.21-23 and fd00::21-23), removed with it. The namespace and every
 // process left in it are removed when the tests end, whether they passed
 // or not.
 package e2e
@@ -27,7 +29,7 @@ var apiserverIPs = cluster.APIServerIPv4[:3]
 // netns is the namespace the tests run in.
 var netns = &cluster.Netns{
 	Prefix: "ep-e2e", Tag: "e2e", EnvVar: "EP_E2E_NETNS",
-	Addrs: append(append([]string{}, apiserverIPs...), cluster.APIServerIPv6[:3]...),
+	Addrs: append(append([]string{cluster.GatewayIPv4}, apiserverIPs...), cluster.APIServerIPv6[:3]...),
 }
 
 func TestMain(m *testing.M) {
@@ -37,7 +39,9 @@ func TestMain(m *testing.M) {
 // runInside runs the tests inside the namespace with a shared etcd, and
 // then looks for goroutines they left running.
 func runInside(m *testing.M) int {
-	code := cluster.RunTests(m, cluster.ModuleOptions("e2e", "EP_E2E", discoveryUser), func(ce *cluster.Env) {
+	o := cluster.ModuleOptions("e2e", "EP_E2E", discoveryUser)
+	o.Hosts = true // TestDualStack's
+	code := cluster.RunTests(m, o, func(ce *cluster.Env) {
 		env = &environment{Env: ce, daemon: ce.Programs["extractedprism"], discToken: ce.Tokens[discoveryUser]}
 	})
 	if code == 0 {
