@@ -21,6 +21,7 @@ func TestNode(t *testing.T) {
 	t.Run("1-static-pod-bootstrap", c.staticPodBootstrap)
 	t.Run("2-apiserver-sigkill", c.apiserverSigkill)
 	t.Run("8-static-pod-upgrade", c.staticPodUpgrade)
+	t.Run("9-node-reboot", c.nodeReboot)
 	t.Run("3-helm-daemonset", c.helmDaemonSet)
 	t.Run("7-probes-security-context", c.probesAndSecurityContext)
 	t.Run("5-config-reload", c.configReload)
