@@ -66,7 +66,8 @@ func kubectlThrough(t *testing.T, proxy, name string) time.Time {
 // service range), and extractedprism on the IPv6 loopback address with
 // one static endpoint and discovery: it finds the other two in the
 // kubernetes EndpointSlice of address type IPv6, kubectl works through
-// [::1]:7445, and keeps working when the static endpoint dies.
+// [::1]:7445, and keeps working when the static endpoint dies; restarted
+// then, extractedprism starts on the IPv6 addresses of its state file.
 func TestIPv6Only(t *testing.T) {
 	var as []*apiserver
 	for _, ip := range cluster.APIServerIPv6[:3] {
@@ -87,15 +88,18 @@ func TestIPv6Only(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := env.startDaemonAdmin(t, adminAddr6,
-		"--endpoints="+as[0].Addr(),
+	state := filepath.Join(t.TempDir(), "endpoints.json")
+	args := []string{
+		"--endpoints=" + as[0].Addr(),
 		"--enable-discovery",
-		"--kubeconfig="+kc,
-		"--state-file="+filepath.Join(t.TempDir(), "endpoints.json"),
+		"--kubeconfig=" + kc,
+		"--state-file=" + state,
 		"--bind-address=::1", "--bind-port=7445",
 		"--health-bind-address=::1", "--health-port=7446",
 		"--drain-timeout=5s",
-		"--log-level=debug")
+		"--log-level=debug",
+	}
+	d := env.startDaemonAdmin(t, adminAddr6, args...)
 	doc, at := d.waitStatus(t, "the other two IPv6 apiservers discovered and every upstream up", 2*time.Minute, func(doc status.Document) bool {
 		return doc.Ready && upIs(doc, "static", []string{as[0].Addr()}) && upIs(doc, "discovered", []string{as[1].Addr(), as[2].Addr()})
 	})
@@ -103,6 +107,7 @@ func TestIPv6Only(t *testing.T) {
 	if doc.Listen != proxyAddr6 || !slices.Equal(doc.Discovery.Discovered, addrs(as)) {
 		t.Fatalf("/status: listen %q, discovered %v; want %s and %v", doc.Listen, doc.Discovery.Discovered, proxyAddr6, addrs(as))
 	}
+	waitState(t, state, addrs(as))
 	out := env.MustKubectl(t, proxyAddr6, "", "get", "namespaces", "-o", "name")
 	if !strings.Contains(out, "namespace/default") {
 		t.Fatalf("kubectl get namespaces through %s: %q", proxyAddr6, out)
@@ -122,6 +127,24 @@ func TestIPv6Only(t *testing.T) {
 	ok := kubectlThrough(t, proxyAddr6, name)
 	env.Record("IPv6 only: static apiserver SIGKILL -> down in /status %s; kubectl through [::1]:7445 answers %s after the kill",
 		down.Sub(killed).Round(time.Millisecond), ok.Sub(killed).Round(time.Millisecond))
+
+	// Restarted with its one static endpoint dead, extractedprism starts
+	// on the IPv6 addresses of its state file.
+	if err := d.p.Stop(time.Minute); err != nil {
+		t.Fatalf("extractedprism did not exit 0 on SIGTERM: %v\n%s", err, d.p.Tail(20))
+	}
+	d = env.startDaemonAdmin(t, adminAddr6, args...)
+	_, at = d.waitStatus(t, "the state file's IPv6 endpoints up", time.Minute, func(doc status.Document) bool {
+		for _, a := range as[1:] {
+			if u, ok := upstream(doc, a.Addr()); !ok || u.State != "up" || (u.Source != "state-file" && u.Source != "discovered") {
+				return false
+			}
+		}
+		return doc.Ready
+	})
+	ok = kubectlThrough(t, proxyAddr6, name)
+	env.Record("IPv6 only: restart with the static apiserver dead -> state file endpoints up %s, kubectl through [::1]:7445 works %s after start",
+		at.Sub(d.start).Round(time.Millisecond), ok.Sub(d.start).Round(time.Millisecond))
 }
 
 // TestDualStack runs a dual-stack control plane: three apiservers, each on
