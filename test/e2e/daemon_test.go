@@ -65,14 +65,7 @@ func waitState(t *testing.T, path string, want []string) {
 // against real apiservers and real kubectl, through the scenarios of a
 // control plane that grows, loses members, restarts, and is down at boot.
 func TestDaemonFollowsRealAPIServers(t *testing.T) {
-	a := env.RunAPIServer(t, apiserverIPs[0])
-	b := env.RunAPIServer(t, apiserverIPs[1])
-	env.WaitReady(t, a, b)
-	env.applyRBAC(t, a.Addr())
-	sp := env.PollSlice(t, apiserverIPs)
-	sp.WaitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
-		return slices.Equal(s, []string{a.Addr(), b.Addr()})
-	})
+	a, b, sp := startTwoInSlice(t)
 
 	kc, err := env.TokenKubeconfig("discovery", "https://"+a.Addr(), env.discToken)
 	if err != nil {

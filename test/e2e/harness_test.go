@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -178,4 +179,20 @@ func describe(doc status.Document) string {
 // contextWithTimeout is context.WithTimeout on a background context.
 func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), d)
+}
+
+// startTwoInSlice starts apiservers A and B, applies the discovery RBAC
+// and waits until the kubernetes EndpointSlice lists both; the poller
+// goes on watching it for the test.
+func startTwoInSlice(t *testing.T) (a, b *apiserver, sp *cluster.SlicePoller) {
+	t.Helper()
+	a = env.RunAPIServer(t, apiserverIPs[0])
+	b = env.RunAPIServer(t, apiserverIPs[1])
+	env.WaitReady(t, a, b)
+	env.applyRBAC(t, a.Addr())
+	sp = env.PollSlice(t, apiserverIPs)
+	sp.WaitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
+		return slices.Equal(s, []string{a.Addr(), b.Addr()})
+	})
+	return a, b, sp
 }

@@ -125,14 +125,7 @@ func TestHostileSlicesChangeNothing(t *testing.T) {
 		t.Fatalf("ip addr add %s: %v: %s", selfIP, err, out)
 	}
 	t.Cleanup(func() { _ = exec.Command("ip", "addr", "del", selfIP+"/32", "dev", "lo").Run() })
-	a := env.RunAPIServer(t, apiserverIPs[0])
-	b := env.RunAPIServer(t, apiserverIPs[1])
-	env.WaitReady(t, a, b)
-	env.applyRBAC(t, a.Addr())
-	sp := env.PollSlice(t, apiserverIPs)
-	sp.WaitFor(t, "A and B", time.Now(), 2*time.Minute, func(s []string) bool {
-		return slices.Equal(s, []string{a.Addr(), b.Addr()})
-	})
+	a, b, _ := startTwoInSlice(t)
 
 	kc, err := env.TokenKubeconfig("discovery-hostile", "https://"+a.Addr(), env.discToken)
 	if err != nil {
